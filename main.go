@@ -1,11 +1,50 @@
+// Command ccproxy lets a ChatGPT Plus/Pro subscriber use the ChatGPT "Codex"
+// backend from any OpenAI-compatible tool: the OpenAI SDKs, the Codex CLI,
+// agents and editors.
+//
+// It logs in the way the Codex CLI does (OAuth2 PKCE), shares and refreshes
+// the Codex CLI's credential file ($CODEX_HOME/auth.json) under a file lock,
+// and serves OpenAI-style endpoints on 127.0.0.1:8000 that it translates to
+// the backend's Responses API:
+//
+//	ccproxy auth login-openai          # once; opens a browser
+//	ccproxy serve                      # listening on http://127.0.0.1:8000
+//	curl -s localhost:8000/codex/v1/chat/completions \
+//	  -d '{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}'
+//
+// Routes: POST /codex/v1/chat/completions, POST /codex/v1/responses,
+// GET /codex/v1/models (also without /v1), the same inside a persistent
+// session as /codex/{session_id}/…, GET/DELETE /codex/sessions[/{id}],
+// GET /codex/usage and GET /health.
+//
+// Environment: CODEX_HOME (credential directory, default ~/.codex),
+// CCPROXY_HOME (own state: config.json, sessions/, models.json; default the
+// user config directory + /ccproxy), and one CCPROXY_* variable per serve
+// flag (see `ccproxy help serve`). Precedence: flag, environment, config
+// file, default.
 package main
 
 import (
+	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
 )
 
 func main() {
@@ -29,6 +68,7 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
 // exitCode prints err the way the user should see it and returns the status.
+// Messages follow age's rule: a "ccproxy:" prefix, lower case, no period.
 func exitCode(err error, stderr io.Writer) int {
 	var st exitStatus
 	var ue *usageError
@@ -46,7 +86,495 @@ func exitCode(err error, stderr io.Writer) int {
 	}
 }
 
+const usage = `Usage: ccproxy COMMAND [flags]
+
+Commands:
+  serve [flags]                      run the proxy (default 127.0.0.1:8000)
+  auth login-openai [flags]          log in with ChatGPT (browser, paste or device code)
+  auth status [--json]               one line: logged in?, plan, token validity
+  auth openai-info [--json]          plan, account, email, expiry, file, last refresh
+  auth logout [--yes]                remove the tokens (shared with the Codex CLI)
+  config codex --enable|--disable    turn the /codex routes on or off
+  config show                        effective configuration and where each value came from
+  version                            module and Go version
+  help [serve|auth|config]           this text, or a command's flags
+
+Run 'ccproxy help serve' for the serve flags and their environment variables.
+`
+
+const serveUsage = `Usage: ccproxy serve [flags]
+
+Every flag also comes from its environment variable, then from
+$CCPROXY_HOME/config.json (key = flag name), then from the default.
+
+  --host HOST             CCPROXY_HOST           bind address (default 127.0.0.1);
+                                                 a non-loopback address needs --api-key
+  --port PORT             CCPROXY_PORT           port, 0 picks a free one (default 8000)
+  --api-key KEY           CCPROXY_API_KEY        require "Authorization: Bearer KEY" or
+                                                 "x-api-key: KEY" on every request
+  --upstream-url URL      CCPROXY_UPSTREAM_URL   Codex backend base
+                                                 (default https://chatgpt.com/backend-api/codex)
+  --auth-url URL          CCPROXY_AUTH_URL       OAuth issuer (default https://auth.openai.com)
+  --reasoning MODE        CCPROXY_REASONING      tags, field or none (default tags)
+  --instructions MODE     CCPROXY_INSTRUCTIONS   auto, catalog, none or file:PATH (default auto)
+  --session-ttl DURATION  CCPROXY_SESSION_TTL    idle time before a session expires (default 24h)
+  --max-sessions N        CCPROXY_MAX_SESSIONS   sessions kept at most (default 1000)
+  --max-session-bytes N   CCPROXY_MAX_SESSION_BYTES  transcript size cap (default 33554432)
+  --log-format FORMAT     CCPROXY_LOG_FORMAT     text or json (default text)
+  --log-level LEVEL       CCPROXY_LOG_LEVEL      debug, info, warn or error (default info);
+                                                 debug logs bodies with secrets redacted
+
+Other environment: CODEX_HOME (credential directory, default ~/.codex),
+CCPROXY_HOME (state directory, default <user config dir>/ccproxy).
+`
+
+const configUsage = `Usage:
+  ccproxy config codex --enable|--disable   turn the /codex routes on or off
+  ccproxy config show                       print each effective setting and its source
+`
+
+// settings lists every serve option once: flag name (also the config-file
+// key), environment variable and default. It drives flag parsing, precedence
+// and `config show`, so the three cannot disagree.
+var settings = []struct{ flag, env, def string }{
+	{"host", "CCPROXY_HOST", "127.0.0.1"},
+	{"port", "CCPROXY_PORT", "8000"},
+	{"api-key", "CCPROXY_API_KEY", ""},
+	{"upstream-url", "CCPROXY_UPSTREAM_URL", "https://chatgpt.com/backend-api/codex"},
+	{"auth-url", "CCPROXY_AUTH_URL", "https://auth.openai.com"},
+	{"reasoning", "CCPROXY_REASONING", "tags"},
+	{"instructions", "CCPROXY_INSTRUCTIONS", "auto"},
+	{"session-ttl", "CCPROXY_SESSION_TTL", "24h"},
+	{"max-sessions", "CCPROXY_MAX_SESSIONS", "1000"},
+	{"max-session-bytes", "CCPROXY_MAX_SESSION_BYTES", "33554432"},
+	{"log-format", "CCPROXY_LOG_FORMAT", "text"},
+	{"log-level", "CCPROXY_LOG_LEVEL", "info"},
+}
+
+// config is the validated configuration of `serve`.
+type config struct {
+	host, port      string
+	apiKey          secret
+	upstreamURL     string
+	authURL         string
+	reasoning       reasoningMode
+	instructions    string // auto, catalog, none, or file:PATH
+	sessionTTL      time.Duration
+	maxSessions     int
+	maxSessionBytes int64
+	logFormat       string
+	logLevel        slog.Level
+	codexEnabled    bool
+	home            string // $CCPROXY_HOME
+	authPath        string // the shared credential file
+}
+
+// resolved is one setting's effective value and where it came from.
+type resolved struct{ name, value, source string }
+
 // run is the whole program; main only supplies the operating system.
 func run(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) < 2 {
+		fmt.Fprint(stderr, usage)
+		return exitStatus(2)
+	}
+	home, err := stateDir(getenv)
+	if err != nil {
+		return err
+	}
+	file, err := readConfigFile(home)
+	if err != nil {
+		return err
+	}
+	// The config file backs the environment for the other commands, so
+	// `auth login-openai` honours an auth-url saved there too.
+	env := func(key string) string {
+		if v := getenv(key); v != "" {
+			return v
+		}
+		for _, s := range settings {
+			if s.env == key {
+				return file.values[s.flag]
+			}
+		}
+		return ""
+	}
+	cmd, rest := args[1], args[2:]
+	switch cmd {
+	case "serve":
+		cfg, _, err := parseServe(rest, getenv, file, stderr)
+		if err != nil {
+			return err
+		}
+		cfg.home = home
+		if cfg.authPath, err = authFilePath(getenv); err != nil {
+			return err
+		}
+		return serve(ctx, cfg, stdout, stderr)
+	case "auth":
+		return runAuth(ctx, rest, env, stdin, stdout, stderr)
+	case "config":
+		return runConfig(rest, getenv, home, file, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, versionString())
+		return nil
+	case "help", "-h", "-help", "--help":
+		topic := ""
+		if len(rest) > 0 {
+			topic = rest[0]
+		}
+		text, ok := map[string]string{"": usage, "serve": serveUsage, "auth": authUsage, "config": configUsage}[topic]
+		if !ok {
+			return usagef("no help for %q", topic)
+		}
+		fmt.Fprint(stdout, text)
+		return nil
+	default:
+		return usagef("unknown command %q", cmd)
+	}
+}
+
+// configFile is $CCPROXY_HOME/config.json: serve settings by flag name plus
+// the /codex switch written by `ccproxy config codex`.
+type configFile struct {
+	values       map[string]string
+	codexEnabled bool
+}
+
+// readConfigFile reads config.json; a missing file is the empty config.
+func readConfigFile(home string) (configFile, error) {
+	cf := configFile{values: map[string]string{}, codexEnabled: true}
+	path := filepath.Join(home, "config.json")
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return cf, nil
+	}
+	if err != nil {
+		return cf, fmt.Errorf("read config %s: %w", path, err)
+	}
+	var raw map[string]any
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return cf, fmt.Errorf("config %s is not valid JSON (fix or remove it): %w", path, err)
+	}
+	for k, v := range raw {
+		if k == "codex_enabled" {
+			enabled, ok := v.(bool)
+			if !ok {
+				return cf, fmt.Errorf("config %s: codex_enabled must be true or false", path)
+			}
+			cf.codexEnabled = enabled
+			continue
+		}
+		if !slices.ContainsFunc(settings, func(s struct{ flag, env, def string }) bool { return s.flag == k }) {
+			return cf, fmt.Errorf("config %s: unknown key %q (keys are serve flag names, see `ccproxy help serve`)", path, k)
+		}
+		switch v := v.(type) {
+		case string:
+			cf.values[k] = v
+		case float64, bool:
+			cf.values[k] = fmt.Sprint(v)
+		default:
+			return cf, fmt.Errorf("config %s: %s must be a string or number", path, k)
+		}
+	}
+	return cf, nil
+}
+
+// parseServe resolves every setting (flag > env > config file > default) and
+// validates it. The resolved values come back even when one is invalid, so
+// `config show` can display them.
+func parseServe(args []string, getenv func(string) string, file configFile, stderr io.Writer) (config, []resolved, error) {
+	fs := flag.NewFlagSet("ccproxy serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, serveUsage) }
+	flags := map[string]*string{}
+	for _, s := range settings {
+		flags[s.flag] = fs.String(s.flag, "", "")
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return config{}, nil, exitStatus(0)
+		}
+		return config{}, nil, exitStatus(2)
+	}
+	if fs.NArg() > 0 {
+		return config{}, nil, usagef("serve takes no arguments, got %q", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	val, src := map[string]string{}, map[string]string{}
+	var all []resolved
+	for _, s := range settings {
+		switch {
+		case set[s.flag]:
+			val[s.flag], src[s.flag] = *flags[s.flag], "flag --"+s.flag
+		case getenv(s.env) != "":
+			val[s.flag], src[s.flag] = getenv(s.env), "env "+s.env
+		case file.values[s.flag] != "":
+			val[s.flag], src[s.flag] = file.values[s.flag], "config file"
+		default:
+			val[s.flag], src[s.flag] = s.def, "default"
+		}
+		all = append(all, resolved{s.flag, val[s.flag], src[s.flag]})
+	}
+	cfg := config{
+		host:         val["host"],
+		port:         val["port"],
+		apiKey:       secret(val["api-key"]),
+		upstreamURL:  strings.TrimRight(val["upstream-url"], "/"),
+		authURL:      strings.TrimRight(val["auth-url"], "/"),
+		reasoning:    reasoningMode(val["reasoning"]),
+		instructions: val["instructions"],
+		logFormat:    val["log-format"],
+		codexEnabled: file.codexEnabled,
+	}
+	bad := func(name, want string) error {
+		return usagef("invalid --%s %q (from %s): want %s", name, val[name], src[name], want)
+	}
+	if p, err := strconv.Atoi(cfg.port); err != nil || p < 0 || p > 65535 {
+		return cfg, all, bad("port", "a number from 0 to 65535")
+	}
+	for _, name := range []string{"upstream-url", "auth-url"} {
+		if !strings.HasPrefix(val[name], "http://") && !strings.HasPrefix(val[name], "https://") {
+			return cfg, all, bad(name, "an http:// or https:// URL")
+		}
+	}
+	if !slices.Contains([]reasoningMode{reasoningTags, reasoningField, reasoningNone}, cfg.reasoning) {
+		return cfg, all, bad("reasoning", "tags, field or none")
+	}
+	if !slices.Contains([]string{"auto", "catalog", "none"}, cfg.instructions) && !strings.HasPrefix(cfg.instructions, "file:") {
+		return cfg, all, bad("instructions", "auto, catalog, none or file:PATH")
+	}
+	var err error
+	if cfg.sessionTTL, err = time.ParseDuration(val["session-ttl"]); err != nil || cfg.sessionTTL <= 0 {
+		return cfg, all, bad("session-ttl", "a positive duration such as 24h or 90m")
+	}
+	if cfg.maxSessions, err = strconv.Atoi(val["max-sessions"]); err != nil || cfg.maxSessions < 1 {
+		return cfg, all, bad("max-sessions", "a positive number")
+	}
+	if cfg.maxSessionBytes, err = strconv.ParseInt(val["max-session-bytes"], 10, 64); err != nil || cfg.maxSessionBytes < 1 {
+		return cfg, all, bad("max-session-bytes", "a positive number of bytes")
+	}
+	if cfg.logFormat != "text" && cfg.logFormat != "json" {
+		return cfg, all, bad("log-format", "text or json")
+	}
+	if err := cfg.logLevel.UnmarshalText([]byte(val["log-level"])); err != nil {
+		return cfg, all, bad("log-level", "debug, info, warn or error")
+	}
+	if cfg.apiKey == "" && !isLoopback(cfg.host) {
+		return cfg, all, usagef("refusing to listen on %s without an API key: anyone who can reach it could use your ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1", cfg.host)
+	}
+	return cfg, all, nil
+}
+
+// isLoopback reports whether host names only this machine.
+func isLoopback(host string) bool {
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// stateDir is $CCPROXY_HOME, else <user config dir>/ccproxy.
+func stateDir(getenv func(string) string) (string, error) {
+	if d := getenv("CCPROXY_HOME"); d != "" {
+		return d, nil
+	}
+	d, err := os.UserConfigDir()
+	if err != nil {
+		return "", fmt.Errorf("find the config directory (set CCPROXY_HOME): %w", err)
+	}
+	return filepath.Join(d, "ccproxy"), nil
+}
+
+// runConfig implements `ccproxy config`.
+func runConfig(args []string, getenv func(string) string, home string, file configFile, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return usagef("config needs a subcommand: codex or show")
+	}
+	switch args[0] {
+	case "codex":
+		fs := flag.NewFlagSet("ccproxy config codex", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		fs.Usage = func() { fmt.Fprint(stderr, configUsage) }
+		enable := fs.Bool("enable", false, "")
+		disable := fs.Bool("disable", false, "")
+		if err := fs.Parse(args[1:]); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil
+			}
+			return exitStatus(2)
+		}
+		if *enable == *disable {
+			return usagef("config codex needs exactly one of --enable or --disable")
+		}
+		if err := writeConfigFile(home, "codex_enabled", *enable); err != nil {
+			return err
+		}
+		state := "disabled"
+		if *enable {
+			state = "enabled"
+		}
+		fmt.Fprintf(stdout, "/codex routes %s in %s (restart a running serve to apply)\n", state, filepath.Join(home, "config.json"))
+		return nil
+	case "show":
+		_, all, err := parseServe(nil, getenv, file, stderr)
+		if all == nil {
+			return err
+		}
+		source := func(env string) string {
+			if getenv(env) != "" {
+				return "env " + env
+			}
+			return "default"
+		}
+		authPath, _ := authFilePath(getenv)
+		all = append(all,
+			resolved{"codex", strconv.FormatBool(file.codexEnabled), "config file"},
+			resolved{"ccproxy-home", home, source("CCPROXY_HOME")},
+			resolved{"auth-file", authPath, source("CODEX_HOME")})
+		for _, r := range all {
+			if r.name == "api-key" && r.value != "" {
+				r.value = "(set)"
+			}
+			fmt.Fprintf(stdout, "%-18s %-42s %s\n", r.name, r.value, r.source)
+		}
+		return err // an invalid value is shown above, then reported
+	default:
+		return usagef("unknown config subcommand %q: use codex or show", args[0])
+	}
+}
+
+// writeConfigFile sets one key in config.json, keeping the others, written
+// atomically with mode 0600.
+func writeConfigFile(home, key string, value any) error {
+	path := filepath.Join(home, "config.json")
+	raw := map[string]any{}
+	if b, err := os.ReadFile(path); err == nil {
+		if err := json.Unmarshal(b, &raw); err != nil {
+			return fmt.Errorf("config %s is not valid JSON (fix or remove it): %w", path, err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("read config %s: %w", path, err)
+	}
+	raw[key] = value
+	b, err := json.MarshalIndent(raw, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, append(b, '\n'))
+}
+
+// writeFileAtomic replaces path with data so that readers see the old or the
+// new file, never a torn one: temp file in the same directory, 0600, fsync,
+// rename. It is shared by the config, session and credential writers.
+func writeFileAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(f.Name()) // no-op after a successful rename
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(0o600)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
 	return nil
+}
+
+// versionString reports the module version stamped by `go install
+// module@version` (or "(devel)" in a checkout) and the Go version.
+func versionString() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "ccproxy (unknown version)"
+	}
+	return fmt.Sprintf("%s %s %s", bi.Main.Path, cmp.Or(bi.Main.Version, "(devel)"), bi.GoVersion)
+}
+
+// serve runs the proxy until ctx ends or SIGINT/SIGTERM arrives, then drains
+// in-flight requests for a bounded time.
+func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	logger := newLogger(stderr, cfg.logFormat, cfg.logLevel)
+
+	var fixedPrompt string
+	if path, ok := strings.CutPrefix(cfg.instructions, "file:"); ok {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("read --instructions file: %w", err)
+		}
+		fixedPrompt = string(b)
+	}
+	// Token refreshes outlive any one request, so the auth client is built
+	// once here; it may use a whole-request timeout because it never streams.
+	auth := newAuthStore(cfg.authPath, cfg.authURL, &http.Client{Timeout: 30 * time.Second}, time.Now)
+	sessions, err := newSessionStore(filepath.Join(cfg.home, "sessions"), cfg.sessionTTL, cfg.maxSessions, cfg.maxSessionBytes, time.Now)
+	if err != nil {
+		return err
+	}
+	up := newUpstream(cfg.upstreamURL, auth, newUpstreamClient())
+	models := newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now)
+	handler := newServer(logger, cfg, auth, sessions, up, models, fixedPrompt)
+
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.host, cfg.port))
+	if err != nil {
+		return fmt.Errorf("listen on port %s: %w (is another server using it? choose another with --port)", cfg.port, err)
+	}
+	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
+	if !isLoopback(cfg.host) {
+		logger.Warn("listening beyond this machine; every request needs the API key", "host", cfg.host)
+	}
+	srv := &http.Server{
+		Handler: handler,
+		// Slow-header clients would otherwise hold goroutines forever.
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// No WriteTimeout: an SSE response legitimately outlives any fixed
+		// deadline (long reasoning), and keepalives show it is alive.
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down, draining requests")
+	// The run ctx is already done; draining needs a fresh deadline.
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("drain timed out, closing open streams", "err", err)
+		srv.Close()
+	}
+	return nil
+}
+
+// newLogger builds the one logger of the process.
+func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
