@@ -25,7 +25,8 @@ import (
 // maxBodyBytes caps request bodies; images arrive inline as base64.
 const maxBodyBytes = 32 << 20
 
-// keepaliveInterval is the SSE comment cadence during upstream silence.
+// keepaliveInterval is the SSE comment cadence during upstream silence
+// (SPEC §4).
 const keepaliveInterval = 15 * time.Second
 
 // apiError is an error the client sees in the OpenAI error shape:
@@ -73,7 +74,7 @@ func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessio
 				message: "the /codex routes are disabled: run `ccproxy config codex --enable` and restart `ccproxy serve`"})
 		})
 	}
-	turn := codex(handleTurn(sessions, up, p, cfg.reasoning, keepaliveInterval))
+	turn := codex(handleTurn(sessions, up, p, cfg.reasoning, cfg.keepalive))
 	for _, path := range []string{"/codex", "/codex/v1", "/codex/{session_id}"} {
 		mux.Handle("POST "+path+"/chat/completions", turn)
 		mux.Handle("POST "+path+"/responses", turn)

@@ -167,6 +167,7 @@ type config struct {
 	codexEnabled    bool
 	home            string // $CCPROXY_HOME
 	authPath        string // the shared credential file
+	keepalive       time.Duration
 }
 
 // resolved is one setting's effective value and where it came from.
@@ -327,6 +328,7 @@ func parseServe(args []string, getenv func(string) string, file configFile, stde
 		instructions: val["instructions"],
 		logFormat:    val["log-format"],
 		codexEnabled: file.codexEnabled,
+		keepalive:    keepaliveInterval,
 	}
 	bad := func(name, want string) error {
 		return usagef("invalid --%s %q (from %s): want %s", name, val[name], src[name], want)

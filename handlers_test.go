@@ -1,0 +1,765 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// backendModels is what the fake backend accepts and lists.
+var backendModels = []string{"gpt-5.5", "gpt-5.4", "gpt-5.1-codex"}
+
+// fakeBackend plays the Codex backend. It enforces the request rules of
+// codex-backend.md §3.4 (the real backend's 400s) and answers each accepted
+// turn with reply, which writes SSE events.
+type fakeBackend struct {
+	*httptest.Server
+	mu     sync.Mutex
+	bodies []map[string]any
+	heads  []http.Header
+	reply  func(w http.ResponseWriter, r *http.Request, body map[string]any)
+}
+
+// newFakeBackend starts a fake backend answering every turn with reply.
+func newFakeBackend(t *testing.T, reply func(w http.ResponseWriter, r *http.Request, body map[string]any)) *fakeBackend {
+	t.Helper()
+	fb := &fakeBackend{reply: reply}
+	fb.Server = httptest.NewServer(http.HandlerFunc(fb.serve))
+	t.Cleanup(fb.Close)
+	return fb
+}
+
+func (fb *fakeBackend) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Authorization") != "Bearer "+testAccessToken || r.Header.Get("Chatgpt-Account-Id") != testAccountID {
+		w.WriteHeader(401)
+		io.WriteString(w, `{"detail":"Unauthorized"}`)
+		return
+	}
+	if r.Method == "GET" && r.URL.Path == "/models" {
+		var models []map[string]any
+		for _, m := range backendModels {
+			models = append(models, map[string]any{"slug": m, "visibility": "list", "base_instructions": "You are Codex, " + m})
+		}
+		models = append(models, map[string]any{"slug": "codex-auto-review", "visibility": "hide"})
+		json.NewEncoder(w).Encode(map[string]any{"models": models})
+		return
+	}
+	var body map[string]any
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+		http.Error(w, `{"detail":"bad json"}`, 400)
+		return
+	}
+	fb.mu.Lock()
+	fb.bodies = append(fb.bodies, body)
+	fb.heads = append(fb.heads, r.Header.Clone())
+	fb.mu.Unlock()
+	if msg := backendRejects(body); msg != "" {
+		w.WriteHeader(400)
+		io.WriteString(w, msg)
+		return
+	}
+	fb.reply(w, r, body)
+}
+
+// backendRejects returns the real backend's error body for a request it
+// would refuse, or "".
+func backendRejects(body map[string]any) string {
+	detail := func(s string) string { b, _ := json.Marshal(map[string]string{"detail": s}); return string(b) }
+	if body["stream"] != true {
+		return detail("Stream must be set to true")
+	}
+	if body["store"] != false {
+		return detail("Store must be set to false")
+	}
+	for k := range body {
+		if !slices.Contains([]string{"model", "instructions", "input", "tools", "tool_choice", "parallel_tool_calls",
+			"reasoning", "store", "stream", "include", "prompt_cache_key", "text", "client_metadata"}, k) {
+			return detail("Unsupported parameter: " + k)
+		}
+	}
+	if model, _ := body["model"].(string); !slices.Contains(backendModels, model) {
+		return detail(fmt.Sprintf("The '%v' model is not supported when using Codex with a ChatGPT account.", body["model"]))
+	}
+	items, _ := body["input"].([]any)
+	for _, it := range items {
+		item := it.(map[string]any)
+		if item["role"] == "system" {
+			return detail("System messages are not allowed")
+		}
+		if id, ok := item["id"].(string); ok && !strings.HasPrefix(id, "msg_") {
+			return fmt.Sprintf(`{"error":{"message":"Item with id '%s' not found. Items are not persisted when `+"`store`"+` is set to false.","type":"invalid_request_error","param":"input","code":null}}`, id)
+		}
+	}
+	tools, _ := body["tools"].([]any)
+	for i, tl := range tools {
+		tool := tl.(map[string]any)
+		if tool["type"] == "function" && tool["name"] == nil {
+			return fmt.Sprintf(`{"error":{"message":"Missing required parameter: 'tools[%d].name'.","type":"invalid_request_error","param":"tools[%d].name","code":"missing_required_parameter"}}`, i, i)
+		}
+	}
+	return ""
+}
+
+// sse formats one backend event the way the backend does.
+func sse(typ string, fields map[string]any) string {
+	fields["type"] = typ
+	b, _ := json.Marshal(fields)
+	return "event: " + typ + "\ndata: " + string(b) + "\n\n"
+}
+
+// textReply is the canonical plain-text sequence (codex-backend.md §4 (a)),
+// one delta per element of parts, with the response id respID.
+func textReply(respID string, parts ...string) []string {
+	text := strings.Join(parts, "")
+	msg := map[string]any{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+		"content": []any{map[string]any{"type": "output_text", "annotations": []any{}, "text": text}}}
+	evs := []string{
+		sse("response.created", map[string]any{"response": map[string]any{"id": respID, "status": "in_progress", "output": []any{}}}),
+		sse("response.output_item.added", map[string]any{"output_index": 0, "item": map[string]any{"id": "msg_1", "type": "message", "role": "assistant", "content": []any{}}}),
+	}
+	for _, p := range parts {
+		evs = append(evs, sse("response.output_text.delta", map[string]any{"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": p}))
+	}
+	return append(evs,
+		sse("response.output_item.done", map[string]any{"output_index": 0, "item": msg}),
+		sse("response.completed", map[string]any{"response": map[string]any{"id": respID, "status": "completed", "output": []any{msg},
+			"usage": map[string]any{"input_tokens": 10, "input_tokens_details": map[string]any{"cached_tokens": 4}, "output_tokens": 5,
+				"output_tokens_details": map[string]any{"reasoning_tokens": 2}, "total_tokens": 15}}}))
+}
+
+// writeEvents streams events, flushing each one.
+func writeEvents(w http.ResponseWriter, events []string) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("X-Codex-Plan-Type", "plus")
+	w.Header().Set("X-Codex-Primary-Used-Percent", "12")
+	w.Header().Set("X-Codex-Primary-Window-Minutes", "300")
+	for _, e := range events {
+		io.WriteString(w, e)
+		http.NewResponseController(w).Flush()
+	}
+}
+
+// Test credentials: a Codex CLI auth.json whose access token is valid for a
+// long time, so no refresh happens unless a test wants one.
+const (
+	testAccountID = "532cfd8b-7b79-49b5-a51e-858c96e5b053"
+)
+
+var testAccessToken = testJWT(map[string]any{"exp": time.Now().Add(240 * time.Hour).Unix(),
+	"https://api.openai.com/auth": map[string]any{"chatgpt_account_id": testAccountID, "chatgpt_plan_type": "plus"}})
+
+// testJWT builds an unsigned JWT with the given claims.
+func testJWT(claims map[string]any) string {
+	enc := base64.RawURLEncoding.EncodeToString
+	payload, _ := json.Marshal(claims)
+	return enc([]byte(`{"alg":"RS256","typ":"JWT"}`)) + "." + enc(payload) + ".c2ln"
+}
+
+// writeCodexAuth writes a Codex CLI credential file into dir.
+func writeCodexAuth(t *testing.T, dir string) {
+	t.Helper()
+	idToken := testJWT(map[string]any{"email": "alice@example.com", "exp": time.Now().Add(time.Hour).Unix(),
+		"https://api.openai.com/auth": map[string]any{"chatgpt_account_id": testAccountID, "chatgpt_plan_type": "plus"}})
+	b, _ := json.MarshalIndent(map[string]any{"OPENAI_API_KEY": nil, "tokens": map[string]any{
+		"id_token": idToken, "access_token": testAccessToken, "refresh_token": "rt_test", "account_id": testAccountID},
+		"last_refresh": time.Now().UTC().Format(time.RFC3339Nano)}, "", "  ")
+	os.MkdirAll(dir, 0o700)
+	if err := os.WriteFile(filepath.Join(dir, "auth.json"), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// proxy is a ccproxy handler wired to a fake backend, with its log.
+type proxy struct {
+	*httptest.Server
+	log *bytes.Buffer
+	cfg config
+}
+
+// newProxy serves ccproxy in front of fb with a fresh state directory.
+func newProxy(t *testing.T, fb *fakeBackend, opts ...func(*config)) *proxy {
+	t.Helper()
+	dir := t.TempDir()
+	writeCodexAuth(t, filepath.Join(dir, "codex"))
+	cfg := config{host: "127.0.0.1", upstreamURL: fb.URL, authURL: "http://127.0.0.1:1", reasoning: reasoningTags,
+		instructions: "auto", sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
+		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	var log bytes.Buffer
+	logger := slog.New(slog.NewTextHandler(&syncWriter{w: &log}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	auth := newAuthStore(cfg.authPath, cfg.authURL, http.DefaultClient, time.Now)
+	sessions, err := newSessionStore(filepath.Join(cfg.home, "sessions"), cfg.sessionTTL, cfg.maxSessions, cfg.maxSessionBytes, time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := newUpstream(cfg.upstreamURL, auth, fb.Client())
+	up.backoff = time.Millisecond
+	srv := httptest.NewServer(newServer(logger, cfg, auth, sessions, up, newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now), ""))
+	t.Cleanup(srv.Close)
+	return &proxy{Server: srv, log: &log, cfg: cfg}
+}
+
+// syncWriter serializes writes to a shared log buffer.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(b []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(b)
+}
+
+// post sends a JSON body and returns the response with its body read.
+func (p *proxy) post(t *testing.T, path, body string, header ...string) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", p.URL+path, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, string(b)
+}
+
+// jsonPath digs into decoded JSON: jsonPath(v, "choices", 0, "message").
+func jsonPath(v any, path ...any) any {
+	for _, p := range path {
+		switch k := p.(type) {
+		case string:
+			m, _ := v.(map[string]any)
+			v = m[k]
+		case int:
+			a, _ := v.([]any)
+			if k >= len(a) {
+				return nil
+			}
+			v = a[k]
+		}
+	}
+	return v
+}
+
+// decode parses a JSON body or fails the test.
+func decode(t *testing.T, body string) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(body), &m); err != nil {
+		t.Fatalf("body is not JSON: %v\n%s", err, body)
+	}
+	return m
+}
+
+func TestChatCompletion(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "Hel", "lo"))
+	})
+	p := newProxy(t, fb)
+	resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","temperature":0.2,"max_tokens":10,
+		"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`,
+		"Authorization", "Bearer client-junk", "Cookie", "c=1")
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	got := decode(t, body)
+	if c := jsonPath(got, "choices", 0, "message", "content"); c != "Hello" {
+		t.Errorf("content = %v; want Hello", c)
+	}
+	if f := jsonPath(got, "choices", 0, "finish_reason"); f != "stop" {
+		t.Errorf("finish_reason = %v; want stop", f)
+	}
+	if u := jsonPath(got, "usage", "prompt_tokens_details", "cached_tokens"); u != 4.0 {
+		t.Errorf("cached tokens = %v; want 4", u)
+	}
+	if ig := resp.Header.Get("X-Ccproxy-Ignored-Params"); !strings.Contains(ig, "temperature") || !strings.Contains(ig, "max_tokens") {
+		t.Errorf("X-Ccproxy-Ignored-Params = %q; want temperature and max_tokens", ig)
+	}
+	if resp.Header.Get("X-Codex-Plan-Type") != "plus" {
+		t.Errorf("x-codex-* headers not passed through: %v", resp.Header)
+	}
+	up := fb.bodies[0]
+	if jsonPath(up, "input", 0, "role") != "developer" || up["prompt_cache_key"] != resp.Header.Get("X-Session-Id") {
+		t.Errorf("upstream body %v; want the system message as developer and prompt_cache_key = session id", up)
+	}
+	if h := fb.heads[0]; h.Get("Cookie") != "" || h.Get("Session-Id") != resp.Header.Get("X-Session-Id") {
+		t.Errorf("upstream headers %v: inbound cookie forwarded or session-id missing", h)
+	}
+	for _, secret := range []string{testAccessToken, "client-junk", "rt_test"} {
+		if strings.Contains(p.log.String(), secret) {
+			t.Errorf("log contains a secret %.20q…", secret)
+		}
+	}
+}
+
+// readSSE returns a function yielding the data of each event of body.
+func readSSE(t *testing.T, body io.Reader) func() (string, bool) {
+	rd := newSSEReader(body)
+	return func() (string, bool) {
+		_, data, err := rd.next()
+		if err != nil {
+			return "", false
+		}
+		return string(data), true
+	}
+}
+
+// TestChatStreamFlushesEachDelta proves per-event flushing: the backend
+// holds back its second delta until the client has read the first.
+func TestChatStreamFlushesEachDelta(t *testing.T) {
+	firstRead := make(chan struct{})
+	events := textReply("resp_1", "Hel", "lo")
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, events[:3]) // created, item added, first delta
+		select {
+		case <-firstRead:
+		case <-r.Context().Done():
+			return
+		}
+		writeEvents(w, events[3:])
+	})
+	p := newProxy(t, fb)
+	resp, err := http.Post(p.URL+"/codex/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"gpt-5.5","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	next := readSSE(t, resp.Body)
+	var content strings.Builder
+	var finishes, usage int
+	done := false
+	for {
+		data, ok := next()
+		if !ok {
+			break
+		}
+		if data == "[DONE]" {
+			done = true
+			continue
+		}
+		chunk := decode(t, data)
+		if c, ok := jsonPath(chunk, "choices", 0, "delta", "content").(string); ok {
+			content.WriteString(c)
+			if c == "Hel" {
+				close(firstRead)
+			}
+		}
+		if jsonPath(chunk, "choices", 0, "finish_reason") != nil {
+			finishes++
+		}
+		if jsonPath(chunk, "usage", "total_tokens") == 15.0 {
+			usage++
+		}
+	}
+	if content.String() != "Hello" || finishes != 1 || usage != 1 || !done {
+		t.Errorf("content %q, %d finish chunks, %d usage chunks, [DONE] %v; want Hello, 1, 1, true", content.String(), finishes, usage, done)
+	}
+}
+
+// TestClientCancelReachesBackend closes the client mid-stream and waits for
+// the backend's request context to end.
+func TestClientCancelReachesBackend(t *testing.T) {
+	canceled := make(chan struct{})
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "Hel")[:3])
+		<-r.Context().Done()
+		close(canceled)
+	})
+	p := newProxy(t, fb)
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "POST", p.URL+"/codex/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := readSSE(t, resp.Body)
+	for {
+		data, ok := next()
+		if !ok {
+			t.Fatal("stream ended before the first delta")
+		}
+		if strings.Contains(data, "Hel") {
+			break
+		}
+	}
+	cancel()
+	resp.Body.Close()
+	<-canceled // the test times out if the cancellation never reaches the backend
+}
+
+func TestStreamFailures(t *testing.T) {
+	tests := []struct {
+		name    string
+		events  []string
+		wantErr string
+	}{
+		{"closed mid-stream", textReply("resp_1", "Hel")[:3], "stream closed before response.completed"},
+		{"cut mid-event", append(textReply("resp_1", "Hel")[:3], "event: response.output_text.delta\ndata: {\"del"), "upstream_stream_error"},
+		{"garbage", []string{"\x00\x01 not sse at all\n\n"}, "upstream_stream_error"},
+		{"response.failed", append(textReply("resp_1", "Hel")[:3], sse("response.failed", map[string]any{"response": map[string]any{
+			"id": "resp_1", "status": "failed", "error": map[string]any{"code": "context_length_exceeded", "message": "Your input exceeds the context window"}}})),
+			"Your input exceeds the context window"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) { writeEvents(w, tc.events) })
+			p := newProxy(t, fb)
+			for _, path := range []string{"/codex/v1/chat/completions", "/codex/v1/responses"} {
+				resp, body := p.post(t, path, `{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hi"}]}`)
+				if path == "/codex/v1/responses" {
+					resp, body = p.post(t, path, `{"model":"gpt-5.5","stream":true,"input":"hi"}`)
+				}
+				if resp.StatusCode != 200 || !strings.Contains(body, tc.wantErr) || !strings.Contains(body, `"error":{`) {
+					t.Errorf("%s: status %d, body:\n%s\nwant an error event with %q", path, resp.StatusCode, body, tc.wantErr)
+				}
+				if strings.Contains(body, "[DONE]") || strings.Contains(body, "response.completed") {
+					t.Errorf("%s: a failed stream ended cleanly:\n%s", path, body)
+				}
+				// Without streaming the same failure is an HTTP error.
+				resp, body = p.post(t, path, `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+				if resp.StatusCode < 400 || !strings.Contains(body, `"error":{`) {
+					t.Errorf("%s non-stream: status %d body %s; want an error", path, resp.StatusCode, body)
+				}
+			}
+		})
+	}
+}
+
+func TestKeepalive(t *testing.T) {
+	release := make(chan struct{})
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		events := textReply("resp_1", "ok")
+		writeEvents(w, events[:2])
+		select { // long reasoning: silence until the client saw a keepalive
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		writeEvents(w, events[2:])
+	})
+	p := newProxy(t, fb, func(c *config) { c.keepalive = 5 * time.Millisecond })
+	resp, err := http.Post(p.URL+"/codex/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("stream ended without a keepalive: %v", err)
+		}
+		if line == ": keepalive\n" {
+			break
+		}
+	}
+	close(release)
+	rest, _ := io.ReadAll(br)
+	if !strings.Contains(string(rest), `"content":"ok"`) || !strings.HasSuffix(string(rest), "data: [DONE]\n\n") {
+		t.Errorf("after the keepalive: %s; want the answer and [DONE]", rest)
+	}
+}
+
+func TestUpstreamErrorsReachClient(t *testing.T) {
+	usage := `{"error":{"type":"usage_limit_reached","message":"The usage limit has been reached","plan_type":"plus","resets_at":1776672030,"resets_in_seconds":17778}}`
+	tests := []struct {
+		name       string
+		status     int
+		body       string
+		wantStatus int
+		want       []string
+	}{
+		{"usage limit", 429, usage, 429, []string{`"type":"rate_limit_error"`, "usage_limit_reached", "resets at"}},
+		{"bad effort relayed", 400, `{"error":{"message":"Unsupported value: 'none' is not supported with the 'gpt-5.1-codex' model.","type":"invalid_request_error","param":"reasoning.effort","code":"unsupported_value"}}`,
+			400, []string{"Unsupported value: 'none'", `"param":"reasoning.effort"`}},
+		{"5xx retried then 502", 500, `{"detail":"oops"}`, 502, []string{"the Codex backend failed (HTTP 500)"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			calls := 0
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				calls++
+				if tc.status == 429 {
+					w.Header().Set("X-Codex-Primary-Used-Percent", "100")
+				}
+				w.WriteHeader(tc.status)
+				io.WriteString(w, tc.body)
+			})
+			p := newProxy(t, fb)
+			resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+			if resp.StatusCode != tc.wantStatus {
+				t.Errorf("status %d; want %d (%s)", resp.StatusCode, tc.wantStatus, body)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(body, w) {
+					t.Errorf("body %s; want %q", body, w)
+				}
+			}
+			if tc.status == 429 && (resp.Header.Get("Retry-After") != "17778" || resp.Header.Get("X-Codex-Primary-Used-Percent") != "100") {
+				t.Errorf("headers %v; want Retry-After 17778 and the x-codex headers", resp.Header)
+			}
+			if tc.status == 500 && calls != 4 {
+				t.Errorf("backend called %d times; want 4 (3 retries)", calls)
+			}
+		})
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	tests := []struct {
+		name, method, path, body string
+		wantStatus               int
+		want                     string
+	}{
+		{"bad json", "POST", "/codex/v1/chat/completions", `{"model":`, 400, `"type":"invalid_request_error"`},
+		{"missing model", "POST", "/codex/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}]}`, 400, `"param":"model"`},
+		{"missing messages", "POST", "/codex/v1/chat/completions", `{"model":"gpt-5.5"}`, 400, `"param":"messages"`},
+		{"n > 1", "POST", "/codex/v1/chat/completions", `{"model":"gpt-5.5","n":2,"messages":[{"role":"user","content":"hi"}]}`, 400, `"param":"n"`},
+		{"missing input", "POST", "/codex/v1/responses", `{"model":"gpt-5.5"}`, 400, `"param":"input"`},
+		{"unknown model relayed", "POST", "/codex/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`, 400, "not supported when using Codex with a ChatGPT account"},
+		{"oversized body", "POST", "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"` + strings.Repeat("x", maxBodyBytes) + `"}]}`, 413, "request_too_large"},
+		{"unknown route", "GET", "/v1/nothing", "", 404, `"code":"not_found"`},
+		{"wrong method", "GET", "/codex/v1/chat/completions", "", 405, `"code":"method_not_allowed"`},
+		{"unknown session", "GET", "/codex/sessions/nope", "", 404, "Session not found"},
+		{"unknown previous response", "POST", "/codex/v1/responses", `{"model":"gpt-5.5","input":"hi","previous_response_id":"resp_zzz"}`, 404, "Previous response with id 'resp_zzz' not found."},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, p.URL+tc.path, strings.NewReader(tc.body))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.wantStatus || !strings.Contains(string(b), tc.want) {
+				t.Errorf("%d %s; want %d with %q", resp.StatusCode, b, tc.wantStatus, tc.want)
+			}
+			if resp.Header.Get("X-Request-Id") == "" || resp.Header.Get("Content-Type") != "application/json" {
+				t.Errorf("headers %v; want X-Request-Id and JSON", resp.Header)
+			}
+			if resp.Header.Get("Access-Control-Allow-Origin") != "" {
+				t.Error("CORS header present; want none")
+			}
+		})
+	}
+}
+
+func TestForeignHostRefused(t *testing.T) {
+	fb := newFakeBackend(t, nil)
+	p := newProxy(t, fb)
+	for host, want := range map[string]int{"evil.example": 403, "localhost:8000": 200, "127.0.0.1": 200, "[::1]:8000": 200} {
+		req, _ := http.NewRequest("GET", p.URL+"/health", nil)
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("Host %s: status %d; want %d", host, resp.StatusCode, want)
+		}
+	}
+}
+
+// TestSessionsRemember is the guide's Alice example through both APIs: the
+// second turn's upstream input carries the first exchange.
+func TestSessionsRemember(t *testing.T) {
+	tests := []struct {
+		name, path string
+		header     []string
+		body       func(msg string) string
+	}{
+		{"chat by path", "/codex/alice/chat/completions", nil, func(m string) string {
+			return `{"model":"gpt-5.5","messages":[{"role":"user","content":"` + m + `"}]}`
+		}},
+		{"responses by header", "/codex/v1/responses", []string{"session_id", "alice"}, func(m string) string {
+			return `{"model":"gpt-5.5","input":"` + m + `"}`
+		}},
+		{"messages on responses by x-session-id", "/codex/responses", []string{"X-Session-Id", "alice"}, func(m string) string {
+			return `{"model":"gpt-5.5","messages":[{"role":"user","content":"` + m + `"}]}`
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			n := 0
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				n++
+				writeEvents(w, textReply(fmt.Sprintf("resp_%d", n), fmt.Sprintf("answer %d", n)))
+			})
+			p := newProxy(t, fb)
+			for _, msg := range []string{"My name is Alice", "What is my name?"} {
+				if resp, body := p.post(t, tc.path, tc.body(msg), tc.header...); resp.StatusCode != 200 {
+					t.Fatalf("status %d: %s", resp.StatusCode, body)
+				}
+			}
+			input, _ := json.Marshal(fb.bodies[1]["input"])
+			for _, want := range []string{"My name is Alice", "answer 1", "What is my name?"} {
+				if !bytes.Contains(input, []byte(want)) {
+					t.Errorf("second upstream input %s lacks %q", input, want)
+				}
+			}
+			if fb.bodies[1]["prompt_cache_key"] != "alice" {
+				t.Errorf("prompt_cache_key = %v; want alice", fb.bodies[1]["prompt_cache_key"])
+			}
+			_, body := p.get(t, "/codex/sessions/alice")
+			if got := decode(t, body); got["id"] != "alice" || len(jsonPath(got, "transcript").([]any)) != 4 {
+				t.Errorf("GET /codex/sessions/alice = %s; want 4 items", body)
+			}
+		})
+	}
+}
+
+// get sends a GET and returns the response and body.
+func (p *proxy) get(t *testing.T, path string) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.Get(p.URL + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, string(b)
+}
+
+func TestResponsesAPI(t *testing.T) {
+	n := 0
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		n++
+		writeEvents(w, textReply(fmt.Sprintf("resp_%d", n), "Hi ", "there"))
+	})
+	p := newProxy(t, fb)
+
+	resp, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"hello","instructions":"be nice","temperature":1}`)
+	got := decode(t, body)
+	if resp.StatusCode != 200 || got["output_text"] != "Hi there" || got["id"] != "resp_1" {
+		t.Fatalf("non-stream response %d %s; want output_text Hi there", resp.StatusCode, body)
+	}
+	if resp.Header.Get("X-Ccproxy-Ignored-Params") != "temperature" {
+		t.Errorf("ignored params %q; want temperature", resp.Header.Get("X-Ccproxy-Ignored-Params"))
+	}
+	if in := fb.bodies[0]["input"].([]any); jsonPath(in, 0, "role") != "developer" || fb.bodies[0]["instructions"] != nil {
+		t.Errorf("auto mode upstream input %v; want the instructions as a leading developer message and no instructions field", in)
+	}
+
+	// previous_response_id continues the conversation although the backend
+	// rejects the field.
+	resp, body = p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"again","previous_response_id":"resp_1","stream":true}`)
+	if resp.StatusCode != 200 || !strings.Contains(body, "event: response.output_text.delta") || !strings.Contains(body, "event: response.completed") {
+		t.Fatalf("stream %d:\n%s", resp.StatusCode, body)
+	}
+	input, _ := json.Marshal(fb.bodies[1]["input"])
+	if !bytes.Contains(input, []byte("hello")) || !bytes.Contains(input, []byte("Hi there")) || !bytes.Contains(input, []byte("again")) {
+		t.Errorf("expanded input %s; want the first exchange and the new input", input)
+	}
+}
+
+// TestCodexCLIRequestShape sends what Codex CLI 0.169.0 sends
+// (codex-backend.md §0) and checks it arrives intact, ids aside.
+func TestCodexCLIRequestShape(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "done"))
+	})
+	p := newProxy(t, fb)
+	req := `{"model":"gpt-5.5","stream":true,"store":false,
+	 "input":[{"type":"message","id":"msg_0a1","role":"developer","content":[{"type":"input_text","text":"You are Codex."}]},
+	          {"type":"message","id":"msg_0a2","role":"user","content":[{"type":"input_text","text":"list files"}]}],
+	 "tools":[{"type":"function","name":"shell","description":"run","strict":false,"parameters":{"type":"object","properties":{}}},
+	          {"type":"custom","name":"apply_patch","description":"patch","format":{"type":"grammar","syntax":"lark","definition":"start: x"}},
+	          {"type":"web_search"}],
+	 "tool_choice":"auto","parallel_tool_calls":true,"reasoning":{"summary":"auto"},
+	 "include":["reasoning.encrypted_content"],"prompt_cache_key":"0199-cli-session","client_metadata":{"x-codex-installation-id":"abc"}}`
+	resp, body := p.post(t, "/codex/responses", req, "session-id", "0199-cli-session")
+	if resp.StatusCode != 200 || !strings.Contains(body, "response.completed") {
+		t.Fatalf("status %d:\n%s", resp.StatusCode, body)
+	}
+	up := fb.bodies[0]
+	tools, _ := json.Marshal(up["tools"])
+	if !bytes.Contains(tools, []byte(`"definition":"start: x"`)) || !bytes.Contains(tools, []byte(`"type":"web_search"`)) {
+		t.Errorf("tools changed: %s", tools)
+	}
+	if up["prompt_cache_key"] != "0199-cli-session" || jsonPath(up, "client_metadata", "x-codex-installation-id") != "abc" ||
+		up["parallel_tool_calls"] != true || jsonPath(up, "input", 1, "content", 0, "text") != "list files" {
+		t.Errorf("upstream body %v; want the CLI's fields intact", up)
+	}
+	if _, ok := up["instructions"]; ok {
+		t.Error("instructions added to a request that had none")
+	}
+}
+
+func TestModelsAndUsage(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	_, body := p.get(t, "/codex/usage")
+	if body != `{"available":false}` {
+		t.Errorf("usage before any reply = %s; want available false", body)
+	}
+	for _, path := range []string{"/codex/models", "/codex/v1/models"} {
+		_, body := p.get(t, path)
+		got := decode(t, body)
+		data, _ := got["data"].([]any)
+		if got["object"] != "list" || len(data) != len(backendModels) || jsonPath(data, 0, "id") != "gpt-5.5" {
+			t.Errorf("%s = %s; want the visible catalog models", path, body)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(p.cfg.home, "models.json")); err != nil {
+		t.Errorf("catalog not cached on disk: %v", err)
+	}
+	p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+	_, body = p.get(t, "/codex/usage")
+	if got := decode(t, body); got["plan"] != "plus" || jsonPath(got, "primary", "used_percent") != 12.0 {
+		t.Errorf("usage = %s; want plan plus and primary 12%%", body)
+	}
+}
+
+// TestInstructionsFallback: a backend that insists on instructions gets the
+// catalog's base_instructions once, and from then on.
+func TestInstructionsFallback(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		if body["instructions"] == nil {
+			w.WriteHeader(400)
+			io.WriteString(w, `{"detail":"Instructions are required"}`)
+			return
+		}
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	for i := 0; i < 2; i++ {
+		if resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`); resp.StatusCode != 200 {
+			t.Fatalf("turn %d: %d %s", i, resp.StatusCode, body)
+		}
+	}
+	if len(fb.bodies) != 3 || fb.bodies[1]["instructions"] != "You are Codex, gpt-5.5" || fb.bodies[2]["instructions"] == nil {
+		t.Errorf("upstream saw %d requests; want a refused one, a retry with base instructions, then instructions at once", len(fb.bodies))
+	}
+}
