@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -35,7 +36,7 @@ type fakeBackend struct {
 }
 
 // newFakeBackend starts a fake backend answering every turn with reply.
-func newFakeBackend(t *testing.T, reply func(w http.ResponseWriter, r *http.Request, body map[string]any)) *fakeBackend {
+func newFakeBackend(t testing.TB, reply func(w http.ResponseWriter, r *http.Request, body map[string]any)) *fakeBackend {
 	t.Helper()
 	fb := &fakeBackend{reply: reply}
 	fb.Server = httptest.NewServer(http.HandlerFunc(fb.serve))
@@ -170,7 +171,7 @@ func testJWT(claims map[string]any) string {
 }
 
 // writeCodexAuth writes a Codex CLI credential file into dir.
-func writeCodexAuth(t *testing.T, dir string) {
+func writeCodexAuth(t testing.TB, dir string) {
 	t.Helper()
 	idToken := testJWT(map[string]any{"email": "alice@example.com", "exp": time.Now().Add(time.Hour).Unix(),
 		"https://api.openai.com/auth": map[string]any{"chatgpt_account_id": testAccountID, "chatgpt_plan_type": "plus"}})
@@ -191,7 +192,7 @@ type proxy struct {
 }
 
 // newProxy serves ccproxy in front of fb with a fresh state directory.
-func newProxy(t *testing.T, fb *fakeBackend, opts ...func(*config)) *proxy {
+func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	t.Helper()
 	dir := t.TempDir()
 	writeCodexAuth(t, filepath.Join(dir, "codex"))
@@ -762,4 +763,187 @@ func TestInstructionsFallback(t *testing.T) {
 	if len(fb.bodies) != 3 || fb.bodies[1]["instructions"] != "You are Codex, gpt-5.5" || fb.bodies[2]["instructions"] == nil {
 		t.Errorf("upstream saw %d requests; want a refused one, a retry with base instructions, then instructions at once", len(fb.bodies))
 	}
+}
+
+// loadReply streams 200 one-token deltas, flushing each, and waits for hold
+// (when not nil) after the first one.
+func loadReply(hold <-chan struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+	parts := make([]string, 200)
+	for i := range parts {
+		parts[i] = "tok "
+	}
+	events := textReply("resp_load", parts...)
+	return func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, events[:3])
+		if hold != nil {
+			select {
+			case <-hold:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		writeEvents(w, events[3:])
+	}
+}
+
+// loadClient opens n streams at once (direct to the fake backend, or
+// through the proxy) and returns each stream's time to its first delta,
+// the deltas received and the failures. onFirst runs once every stream has
+// its first delta.
+func loadClient(tb testing.TB, n int, direct bool, fb *fakeBackend, p *proxy, onFirst func()) (ttfb []time.Duration, deltas, failures int) {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, MaxConnsPerHost: 0, DisableCompression: true}}
+	defer client.CloseIdleConnections()
+	var mu sync.Mutex
+	var first, all sync.WaitGroup
+	first.Add(n)
+	all.Add(n)
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		go func() {
+			defer all.Done()
+			firstDone := false
+			defer func() {
+				if !firstDone {
+					first.Done()
+				}
+			}()
+			var req *http.Request
+			if direct {
+				req, _ = http.NewRequest("POST", fb.URL+"/responses", strings.NewReader(`{"model":"gpt-5.5","stream":true,"store":false,"input":[{"type":"message","role":"user","content":[{"type":"input_text","text":"go"}]}]}`))
+				req.Header.Set("Authorization", "Bearer "+testAccessToken)
+				req.Header.Set("Chatgpt-Account-Id", testAccountID)
+			} else {
+				req, _ = http.NewRequest("POST", p.URL+"/codex/v1/chat/completions", strings.NewReader(`{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"go"}]}`))
+			}
+			<-start
+			t0 := time.Now()
+			resp, err := client.Do(req)
+			if err != nil || resp.StatusCode != 200 {
+				mu.Lock()
+				failures++
+				mu.Unlock()
+				return
+			}
+			defer resp.Body.Close()
+			rd := newSSEReader(resp.Body)
+			deltaMark := []byte(`"content":"tok `)
+			if direct {
+				deltaMark = []byte(`"type":"response.output_text.delta"`)
+			}
+			got := 0
+			for {
+				_, data, err := rd.next()
+				if err != nil {
+					break
+				}
+				if bytes.Contains(data, deltaMark) {
+					got++
+					if got == 1 {
+						mu.Lock()
+						ttfb = append(ttfb, time.Since(t0))
+						mu.Unlock()
+						firstDone = true
+						first.Done()
+					}
+				}
+			}
+			mu.Lock()
+			deltas += got
+			if got != 200 {
+				failures++
+			}
+			mu.Unlock()
+		}()
+	}
+	close(start)
+	first.Wait()
+	if onFirst != nil {
+		onFirst()
+	}
+	all.Wait()
+	return ttfb, deltas, failures
+}
+
+// percentile returns the p-th percentile (0–100) of ds.
+func percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(float64(len(s))*p/100))]
+}
+
+// BenchmarkLoad runs N concurrent streaming clients, each receiving 200
+// deltas, straight to an in-process fake backend and then through the
+// proxy, and reports the proxy's own share: added time to first delta
+// (p50, p99) and the proxy's delta throughput.
+//
+//	go test -run '^$' -bench Load -benchtime 3x
+func BenchmarkLoad(b *testing.B) {
+	for _, n := range []int{1, 100, 1000} {
+		b.Run(fmt.Sprintf("streams=%d", n), func(b *testing.B) {
+			fb := newFakeBackend(b, loadReply(nil))
+			p := newProxy(b, fb, func(c *config) { c.maxSessions = 1 << 20 })
+			p.log.Reset()
+			var direct, proxied []time.Duration
+			var deltas, failures int
+			var elapsed time.Duration
+			for i := 0; i < b.N; i++ {
+				d, _, f := loadClient(b, n, true, fb, p, nil)
+				direct = append(direct, d...)
+				t0 := time.Now()
+				pr, got, f2 := loadClient(b, n, false, fb, p, nil)
+				elapsed += time.Since(t0)
+				proxied = append(proxied, pr...)
+				deltas += got
+				failures += f + f2
+			}
+			if failures > 0 {
+				b.Errorf("%d streams failed", failures)
+			}
+			us := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+			b.ReportMetric(us(percentile(direct, 50)), "direct-ttfb-p50-µs")
+			b.ReportMetric(us(percentile(proxied, 50)-percentile(direct, 50)), "added-ttfb-p50-µs")
+			b.ReportMetric(us(percentile(proxied, 99)-percentile(direct, 99)), "added-ttfb-p99-µs")
+			b.ReportMetric(float64(deltas)/elapsed.Seconds(), "deltas/s")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+// BenchmarkHeapPerStream holds N streams open (each has its first delta)
+// and reports the heap the proxy adds per open stream, beside the same
+// streams sent straight to the fake backend.
+//
+//	go test -run '^$' -bench HeapPerStream -benchtime 1x
+func BenchmarkHeapPerStream(b *testing.B) {
+	const n = 1000
+	heapWhileOpen := func(direct bool) float64 {
+		hold := make(chan struct{})
+		fb := newFakeBackend(b, loadReply(hold))
+		p := newProxy(b, fb, func(c *config) { c.maxSessions = 1 << 20 })
+		var ms runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&ms)
+		before := ms.HeapAlloc
+		var open uint64
+		_, _, failures := loadClient(b, n, direct, fb, p, func() {
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			open = ms.HeapAlloc
+			close(hold)
+		})
+		if failures > 0 {
+			b.Errorf("%d streams failed", failures)
+		}
+		return float64(open-before) / n
+	}
+	for i := 0; i < b.N; i++ {
+		d := heapWhileOpen(true)
+		pr := heapWhileOpen(false)
+		b.ReportMetric(d, "direct-B/stream")
+		b.ReportMetric(pr-d, "added-B/stream")
+	}
+	b.ReportMetric(0, "ns/op")
 }
