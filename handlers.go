@@ -315,25 +315,27 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 		}
 		ri.model, ri.stream = c.req.Model, c.stream
 
-		sess, err := openSession(r, sessions, c.previousResponseID)
+		sid, sess, err := openSession(r, sessions, c)
 		if err != nil {
 			writeError(w, r, err)
 			return
 		}
-		defer sess.release()
-		sent, err := sess.input(c.req.Input)
-		if err != nil {
-			writeError(w, r, err)
-			return
+		sent := c.req.Input
+		if sess != nil {
+			defer sess.release()
+			if sent, err = sess.input(c.req.Input); err != nil {
+				writeError(w, r, err)
+				return
+			}
 		}
 		c.req.Input = sent
-		c.req.PromptCacheKey = cmp.Or(c.req.PromptCacheKey, sess.id())
+		c.req.PromptCacheKey = cmp.Or(c.req.PromptCacheKey, sid)
 		h := w.Header()
-		h.Set("X-Session-Id", sess.id())
+		h.Set("X-Session-Id", sid)
 		if len(c.ignored) > 0 {
 			h.Set("X-Ccproxy-Ignored-Params", strings.Join(c.ignored, ", "))
 		}
-		resp, err := p.send(r.Context(), up, &c.req, sess.id())
+		resp, err := p.send(r.Context(), up, &c.req, sid)
 		if err != nil {
 			writeError(w, r, err)
 			return
@@ -345,6 +347,9 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 		id, created := "chatcmpl-"+ri.id, time.Now().Unix()
 		var t turn
 		commit := func() error {
+			if sess == nil {
+				return nil
+			}
 			var rs struct {
 				ID string `json:"id"`
 			}
@@ -436,15 +441,29 @@ func parseCall(body []byte, chatPath bool) (call, error) {
 	return call{req: rc.req, ignored: rc.ignored, stream: rc.stream, previousResponseID: rc.previousResponseID}, err
 }
 
-// openSession locks the request's session: the one behind
-// previous_response_id, the one named by the path or a header, or a new one.
-func openSession(r *http.Request, sessions *sessionStore, previousResponseID string) (*session, error) {
-	if previousResponseID != "" {
-		return sessions.acquireResponse(r.Context(), previousResponseID)
+// openSession finds the request's session: the one behind
+// previous_response_id, or the one named by the path or a header, locked for
+// this turn. A chat request without a session is ephemeral (nil session):
+// chat clients resend their history and cannot name a stored turn, so
+// storing it would only cost disk writes and session slots. A Responses
+// request without one gets a new stored session, so previous_response_id
+// can refer to it later.
+func openSession(r *http.Request, sessions *sessionStore, c call) (string, *session, error) {
+	if c.previousResponseID != "" {
+		sess, err := sessions.acquireResponse(r.Context(), c.previousResponseID)
+		if err != nil {
+			return "", nil, err
+		}
+		return sess.id(), sess, nil
 	}
 	// The Codex CLI sends "session-id" (2026) or "session_id" (2025).
-	id := cmp.Or(r.PathValue("session_id"), r.Header.Get("Session-Id"), r.Header.Get("Session_id"), r.Header.Get("X-Session-Id"), newUUID())
-	return sessions.acquire(r.Context(), id)
+	id := cmp.Or(r.PathValue("session_id"), r.Header.Get("Session-Id"), r.Header.Get("Session_id"), r.Header.Get("X-Session-Id"))
+	if id == "" && c.chat {
+		return newUUID(), nil, nil
+	}
+	id = cmp.Or(id, newUUID())
+	sess, err := sessions.acquire(r.Context(), id)
+	return id, sess, err
 }
 
 // newUUID returns a random (version 4) UUID, the id the Codex CLI uses for
