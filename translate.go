@@ -416,9 +416,9 @@ func chatTools(o object) ([]json.RawMessage, error) {
 			f.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
 		}
 		out = append(out, marshal(struct {
-			Type string `json:"type"`
-			Name string `json:"name"`
-			Desc string `json:"description,omitempty"`
+			Type string          `json:"type"`
+			Name string          `json:"name"`
+			Desc string          `json:"description,omitempty"`
 			Par  json.RawMessage `json:"parameters"`
 			Str  bool            `json:"strict"`
 		}{"function", f.Name, f.Description, f.Parameters, f.Strict}))
@@ -486,10 +486,10 @@ func chatText(o object) (json.RawMessage, bool, error) {
 			return nil, false, invalidRequest("response_format.json_schema.schema", "Missing required parameter: 'response_format.json_schema.schema'.")
 		}
 		text.Format = struct {
-			Type string `json:"type"`
-			Name string `json:"name"`
-			Desc string `json:"description,omitempty"`
-			Str  bool   `json:"strict"`
+			Type string          `json:"type"`
+			Name string          `json:"name"`
+			Desc string          `json:"description,omitempty"`
+			Str  bool            `json:"strict"`
 			Sch  json.RawMessage `json:"schema"`
 		}{"json_schema", cmpOr(js.Name, "response"), js.Description, js.Strict, js.Schema}
 	default:
