@@ -100,6 +100,22 @@ func field(o object, key, param, want string, v any) (bool, error) {
 	return true, nil
 }
 
+// fieldSpec names a member, the type it must have (for the message), and its destination.
+type fieldSpec struct {
+	key, want string
+	v         any
+}
+
+// decodeFields decodes members with field, stopping at the first error.
+func decodeFields(o object, specs ...fieldSpec) error {
+	for _, f := range specs {
+		if _, err := field(o, f.key, f.key, f.want, f.v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // isNull reports whether raw is the JSON literal null.
 func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
 
@@ -128,7 +144,7 @@ func ignoredParams(o object, known []string) []string {
 }
 
 // newUpstream fills the members the backend insists on (codex-backend §0, §3.3, §3.4).
-func newUpstream(o object, param string) (upstreamRequest, string, error) {
+func newUpstream(o object) (upstreamRequest, string, error) {
 	var model string
 	ok, err := field(o, "model", "model", "a string", &model)
 	if err != nil {
@@ -224,20 +240,26 @@ func parseChat(body []byte) (chatCall, error) {
 	if err != nil {
 		return chatCall{}, err
 	}
-	req, effort, err := newUpstream(o, "model")
+	req, effort, err := newUpstream(o)
 	if err != nil {
 		return chatCall{}, err
 	}
 	c := chatCall{ignored: ignoredParams(o, chatParams)}
-	var n int
-	if ok, err := field(o, "n", "n", "an integer", &n); err != nil {
-		return chatCall{}, err
-	} else if ok && n != 1 {
-		return chatCall{}, invalidRequest("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", n)
+	n, re, msgs := 1, "", []json.RawMessage(nil)
+	var so struct {
+		IncludeUsage bool `json:"include_usage"`
 	}
-	var msgs []json.RawMessage
-	if _, err := field(o, "messages", "messages", "an array", &msgs); err != nil {
+	// Codex sends parallel_tool_calls false unless the model family supports it (§3.3);
+	// the chat default is the conservative one.
+	req.ParallelToolCalls = new(bool)
+	if err := decodeFields(o, fieldSpec{"n", "an integer", &n}, fieldSpec{"messages", "an array", &msgs},
+		fieldSpec{"stream", "a boolean", &c.stream}, fieldSpec{"stream_options", "an object", &so},
+		fieldSpec{"parallel_tool_calls", "a boolean", req.ParallelToolCalls},
+		fieldSpec{"reasoning_effort", "a string", &re}); err != nil {
 		return chatCall{}, err
+	}
+	if n != 1 {
+		return chatCall{}, invalidRequest("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", n)
 	}
 	if len(msgs) == 0 {
 		return chatCall{}, invalidRequest("messages", "Missing required parameter: 'messages'.")
@@ -249,15 +271,6 @@ func parseChat(body []byte) (chatCall, error) {
 		}
 		req.Input = append(req.Input, items...)
 	}
-	if _, err := field(o, "stream", "stream", "a boolean", &c.stream); err != nil {
-		return chatCall{}, err
-	}
-	var so struct {
-		IncludeUsage bool `json:"include_usage"`
-	}
-	if _, err := field(o, "stream_options", "stream_options", "an object", &so); err != nil {
-		return chatCall{}, err
-	}
 	c.includeUsage = so.IncludeUsage && c.stream
 	if req.Tools, err = chatTools(o); err != nil {
 		return chatCall{}, err
@@ -265,17 +278,7 @@ func parseChat(body []byte) (chatCall, error) {
 	if req.ToolChoice, err = chatToolChoice(o); err != nil {
 		return chatCall{}, err
 	}
-	// Codex sends parallel_tool_calls false unless the model family supports it (§3.3);
-	// the chat default is the conservative one.
-	req.ParallelToolCalls = new(bool)
-	if _, err := field(o, "parallel_tool_calls", "parallel_tool_calls", "a boolean", req.ParallelToolCalls); err != nil {
-		return chatCall{}, err
-	}
 	if req.Text, c.jsonMode, err = chatText(o); err != nil {
-		return chatCall{}, err
-	}
-	var re string
-	if _, err := field(o, "reasoning_effort", "reasoning_effort", "a string", &re); err != nil {
 		return chatCall{}, err
 	}
 	// An explicit reasoning_effort beats the model-name suffix; summary "auto" is what Codex sends.
@@ -302,21 +305,23 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 		return nil, err
 	}
 	switch m.Role {
-	case "system", "developer":
-		// The backend answers role system with "System messages are not allowed" (§3.4).
-		parts, err := chatContent(m.Content, param, "input_text", false)
-		return one(messageItem{"message", "developer", parts}), err
-	case "user":
-		parts, err := chatContent(m.Content, param, "input_text", true)
-		return one(messageItem{"message", "user", parts}), err
-	case "assistant":
-		parts, err := chatContent(m.Content, param, "output_text", false)
+	case "system", "developer", "user", "assistant":
+		// The backend answers role system with "System messages are not allowed" (§3.4);
+		// only user messages take images; assistant text is output_text.
+		role, textType := m.Role, "input_text"
+		switch role {
+		case "system":
+			role = "developer"
+		case "assistant":
+			textType = "output_text"
+		}
+		parts, err := chatContent(m.Content, param, textType, role == "user")
 		if err != nil {
 			return nil, err
 		}
 		var items []json.RawMessage
-		if len(parts) > 0 {
-			items = one(messageItem{"message", "assistant", parts})
+		if len(parts) > 0 { // an empty message (an assistant turn that only called tools) is left out
+			items = one(messageItem{"message", role, parts})
 		}
 		// Calls follow the message, the order the backend produced them in (§7).
 		for j, tc := range m.ToolCalls {
@@ -508,7 +513,7 @@ func parseResponses(body []byte) (responsesCall, error) {
 	if err != nil {
 		return responsesCall{}, err
 	}
-	req, effort, err := newUpstream(o, "model")
+	req, effort, err := newUpstream(o)
 	if err != nil {
 		return responsesCall{}, err
 	}
@@ -517,22 +522,11 @@ func parseResponses(body []byte) (responsesCall, error) {
 		return responsesCall{}, err
 	}
 	var tools []json.RawMessage
-	checks := []struct {
-		key, want string
-		v         any
-	}{
-		{"instructions", "a string", &req.Instructions},
-		{"tools", "an array", &tools},
-		{"parallel_tool_calls", "a boolean", &req.ParallelToolCalls},
-		{"include", "an array of strings", &req.Include},
-		{"prompt_cache_key", "a string", &req.PromptCacheKey},
-		{"stream", "a boolean", &c.stream},
-		{"previous_response_id", "a string", &c.previousResponseID},
-	}
-	for _, ch := range checks {
-		if _, err := field(o, ch.key, ch.key, ch.want, ch.v); err != nil {
-			return responsesCall{}, err
-		}
+	if err := decodeFields(o, fieldSpec{"instructions", "a string", &req.Instructions},
+		fieldSpec{"tools", "an array", &tools}, fieldSpec{"parallel_tool_calls", "a boolean", &req.ParallelToolCalls},
+		fieldSpec{"include", "an array of strings", &req.Include}, fieldSpec{"prompt_cache_key", "a string", &req.PromptCacheKey},
+		fieldSpec{"stream", "a boolean", &c.stream}, fieldSpec{"previous_response_id", "a string", &c.previousResponseID}); err != nil {
+		return responsesCall{}, err
 	}
 	// Tools of every type (function, custom, local_shell, web_search…) are the client's
 	// business and pass unchanged.
@@ -923,6 +917,7 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 // toolCallState is one function call of a chat stream.
 type toolCallState struct {
 	itemID   string // deltas are keyed by item id (fc_…), not call_id (§4 (c))
+	callID   string
 	argsSent bool
 }
 
@@ -1117,7 +1112,7 @@ func (s *chatStream) reasoning(id []byte, kind byte, idx int, delta []byte, emit
 // the turn goes to tool calls (SPEC §4).
 func (s *chatStream) newCall(it *backendItem, emit func([]byte) error) error {
 	s.tagsDone = true
-	s.calls = append(s.calls, toolCallState{itemID: it.ID, argsSent: it.Arguments != ""})
+	s.calls = append(s.calls, toolCallState{it.ID, it.CallID, it.Arguments != ""})
 	return s.toolCall(len(s.calls)-1, it, []byte(it.Arguments), emit)
 }
 
@@ -1160,7 +1155,7 @@ func (s *chatStream) itemDone(raw json.RawMessage, emit func([]byte) error) erro
 		}
 	case "function_call":
 		for i := range s.calls {
-			if s.calls[i].itemID == it.ID && it.ID != "" {
+			if c := s.calls[i]; c.itemID == it.ID && it.ID != "" || c.callID == it.CallID && it.CallID != "" {
 				if s.calls[i].argsSent || it.Arguments == "" {
 					return nil
 				}
@@ -1320,20 +1315,10 @@ func unescape(dst, raw []byte) ([]byte, bool) {
 		if i++; i >= len(raw) {
 			return dst, false
 		}
-		switch raw[i] {
-		case '"', '\\', '/':
-			dst = append(dst, raw[i])
-		case 'b':
-			dst = append(dst, '\b')
-		case 'f':
-			dst = append(dst, '\f')
-		case 'n':
-			dst = append(dst, '\n')
-		case 'r':
-			dst = append(dst, '\r')
-		case 't':
-			dst = append(dst, '\t')
-		case 'u':
+		switch k := strings.IndexByte(`"\/bfnrt`, raw[i]); {
+		case k >= 0:
+			dst = append(dst, "\"\\/\b\f\n\r\t"[k])
+		case raw[i] == 'u':
 			r, ok := hex4(raw, i+1)
 			if !ok {
 				return dst, false
@@ -1386,20 +1371,9 @@ func appendEscaped(dst, s []byte) []byte {
 		}
 		if c < utf8.RuneSelf {
 			dst = append(dst, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				dst = append(dst, '\\', c)
-			case '\b':
-				dst = append(dst, '\\', 'b')
-			case '\f':
-				dst = append(dst, '\\', 'f')
-			case '\n':
-				dst = append(dst, '\\', 'n')
-			case '\r':
-				dst = append(dst, '\\', 'r')
-			case '\t':
-				dst = append(dst, '\\', 't')
-			default:
+			if k := strings.IndexByte("\"\\\b\f\n\r\t", c); k >= 0 {
+				dst = append(dst, '\\', `"\bfnrt`[k])
+			} else {
 				dst = append(dst, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
 			}
 			i++
