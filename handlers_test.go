@@ -436,7 +436,7 @@ func TestStreamFailures(t *testing.T) {
 				if resp.StatusCode != 200 || !strings.Contains(body, tc.wantErr) || !strings.Contains(body, `"error":{`) {
 					t.Errorf("%s: status %d, body:\n%s\nwant an error event with %q", path, resp.StatusCode, body, tc.wantErr)
 				}
-				if strings.Contains(body, "[DONE]") || strings.Contains(body, "response.completed") {
+				if strings.Contains(body, "[DONE]") || strings.Contains(body, "event: response.completed") {
 					t.Errorf("%s: a failed stream ended cleanly:\n%s", path, body)
 				}
 				// Without streaming the same failure is an HTTP error.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"slices"
@@ -143,8 +144,8 @@ func ignoredParams(o object, known []string) []string {
 	return out
 }
 
-// newUpstream fills the members the backend insists on (codex-backend §0, §3.3, §3.4).
-func newUpstream(o object) (upstreamRequest, string, error) {
+// baseRequest fills the members the backend insists on (codex-backend §0, §3.3, §3.4).
+func baseRequest(o object) (upstreamRequest, string, error) {
 	var model string
 	ok, err := field(o, "model", "model", "a string", &model)
 	if err != nil {
@@ -240,7 +241,7 @@ func parseChat(body []byte) (chatCall, error) {
 	if err != nil {
 		return chatCall{}, err
 	}
-	req, effort, err := newUpstream(o)
+	req, effort, err := baseRequest(o)
 	if err != nil {
 		return chatCall{}, err
 	}
@@ -285,17 +286,9 @@ func parseChat(body []byte) (chatCall, error) {
 	req.Reasoning = marshal(struct {
 		Effort  string `json:"effort,omitempty"`
 		Summary string `json:"summary"`
-	}{cmpOr(re, effort), "auto"})
+	}{cmp.Or(re, effort), "auto"})
 	c.req = req
 	return c, nil
-}
-
-// cmpOr returns the first non-empty string.
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // chatItems turns one chat message into Responses input items.
@@ -496,7 +489,7 @@ func chatText(o object) (json.RawMessage, bool, error) {
 			Desc string          `json:"description,omitempty"`
 			Str  bool            `json:"strict"`
 			Sch  json.RawMessage `json:"schema"`
-		}{"json_schema", cmpOr(js.Name, "response"), js.Description, js.Strict, js.Schema}
+		}{"json_schema", cmp.Or(js.Name, "response"), js.Description, js.Strict, js.Schema}
 	default:
 		return nil, false, invalidRequest("response_format.type", "Invalid value for 'response_format.type': %q is not supported.", rf.Type)
 	}
@@ -513,7 +506,7 @@ func parseResponses(body []byte) (responsesCall, error) {
 	if err != nil {
 		return responsesCall{}, err
 	}
-	req, effort, err := newUpstream(o)
+	req, effort, err := baseRequest(o)
 	if err != nil {
 		return responsesCall{}, err
 	}
@@ -699,14 +692,14 @@ func eventError(ev *backendEvent) *apiError {
 	if e == nil {
 		e = &backendError{Code: ev.Code, Message: ev.Message}
 	}
-	return failureError(cmpOr(e.Code, e.Type), e.Message)
+	return failureError(cmp.Or(e.Code, e.Type), e.Message)
 }
 
 // failureError maps a backend failure code (response.failed error.code, or an error event) to
 // the client-facing error, keeping the upstream message verbatim. Codex treats
 // context_length_exceeded as the caller's fault and the quota codes as limits (§4 (d), §5.1).
 func failureError(code, message string) *apiError {
-	e := &apiError{status: 502, typ: "api_error", code: code, message: cmpOr(message, "upstream response failed ("+cmpOr(code, "no code")+")")}
+	e := &apiError{status: 502, typ: "api_error", code: code, message: cmp.Or(message, "upstream response failed ("+cmp.Or(code, "no code")+")")}
 	switch code {
 	case "context_length_exceeded":
 		e.status, e.typ = 400, "invalid_request_error"
@@ -833,7 +826,7 @@ func (r *backendResponse) usage() chatUsage {
 		return u
 	}
 	u.PromptTokens, u.CompletionTokens = r.Usage.InputTokens, r.Usage.OutputTokens
-	u.TotalTokens = cmpOrInt(r.Usage.TotalTokens, u.PromptTokens+u.CompletionTokens)
+	u.TotalTokens = cmp.Or(r.Usage.TotalTokens, u.PromptTokens+u.CompletionTokens)
 	if d := r.Usage.InputTokensDetails; d != nil {
 		u.PromptTokensDetails.CachedTokens = d.CachedTokens
 	}
@@ -841,14 +834,6 @@ func (r *backendResponse) usage() chatUsage {
 		u.CompletionTokensDetails.ReasoningTokens = d.ReasoningTokens
 	}
 	return u
-}
-
-// cmpOrInt returns the first non-zero int.
-func cmpOrInt(a, b int) int {
-	if a != 0 {
-		return a
-	}
-	return b
 }
 
 // finishReason maps how the turn ended to the chat finish_reason.

@@ -103,21 +103,12 @@ func translateCase(t *testing.T, gc *goldenCase) any {
 	return nil
 }
 
-// eventType returns the "type" of an event, which the backend repeats as the SSE event name.
-func eventType(ev []byte) string {
-	var e struct {
-		Type string `json:"type"`
-	}
-	_ = json.Unmarshal(ev, &e)
-	return e.Type
-}
-
 // runStream feeds the events to a chatStream and collects the chunks (copied: emit's slice is reused).
 func runStream(gc *goldenCase) ([]json.RawMessage, error) {
 	s := newChatStream(testID, testCreated, testModel, gc.Mode, gc.JSONMode, gc.IncludeUsage)
 	chunks := []json.RawMessage{}
 	for _, ev := range gc.Events {
-		err := s.event(eventType(ev), ev, func(c []byte) error {
+		err := s.event(eventType(nil, ev), ev, func(c []byte) error {
 			chunks = append(chunks, bytes.Clone(c))
 			return nil
 		})
@@ -132,7 +123,7 @@ func runStream(gc *goldenCase) ([]json.RawMessage, error) {
 func runTurn(events []json.RawMessage) *turn {
 	tr := &turn{}
 	for _, ev := range events {
-		tr.observe(eventType(ev), ev)
+		tr.observe(eventType(nil, ev), ev)
 	}
 	return tr
 }
@@ -519,7 +510,7 @@ func TestTurnOrder(t *testing.T) {
 		`{"type":"response.output_text.delta","delta":"ignored"}`,
 		`{"type":"response.output_item.done","output_index":1,"item":{"type":"message","content":[{"type":"output_text","text":"b"}]}}`,
 	} {
-		tr.observe(eventType([]byte(ev)), []byte(ev))
+		tr.observe(eventType(nil, []byte(ev)), []byte(ev))
 	}
 	var obj struct {
 		Object     string `json:"object"`
