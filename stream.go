@@ -31,10 +31,11 @@ var errEventTooLarge = errors.New("upstream event exceeds 32 MiB")
 // blank line ending each event. Lines have no length limit below
 // maxEventBytes.
 type sseReader struct {
-	r    *bufio.Reader
-	name []byte
-	data []byte
-	long []byte // reassembles lines longer than the bufio buffer
+	r       *bufio.Reader
+	name    []byte
+	data    []byte
+	long    []byte // reassembles lines longer than the bufio buffer
+	pending []byte // rest of the current physical line after a lone CR
 }
 
 // newSSEReader reads events from r.
@@ -82,33 +83,44 @@ func (s *sseReader) next() (name, data []byte, err error) {
 	}
 }
 
-// line reads one line without its "\n" or "\r\n".
+// line returns the next line without its terminator. CR, LF and CRLF all
+// end a line (WHATWG HTML §9.2.5), so a stray CR can never smuggle a line
+// break into an event name or data line that is relayed to the client.
 func (s *sseReader) line() ([]byte, error) {
-	line, err := s.r.ReadSlice('\n')
-	if errors.Is(err, bufio.ErrBufferFull) {
-		s.long = append(s.long[:0], line...)
-		for errors.Is(err, bufio.ErrBufferFull) {
-			line, err = s.r.ReadSlice('\n')
-			if len(s.long)+len(line) > maxEventBytes+64 {
-				return nil, errEventTooLarge
+	if len(s.pending) == 0 {
+		line, err := s.r.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			s.long = append(s.long[:0], line...)
+			for errors.Is(err, bufio.ErrBufferFull) {
+				line, err = s.r.ReadSlice('\n')
+				if len(s.long)+len(line) > maxEventBytes+64 {
+					return nil, errEventTooLarge
+				}
+				s.long = append(s.long, line...)
 			}
-			s.long = append(s.long, line...)
+			line = s.long
 		}
-		line = s.long
-	}
-	if err != nil {
-		if errors.Is(err, io.EOF) && len(line) > 0 {
-			err = io.ErrUnexpectedEOF
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(line) > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
 		}
-		return nil, err
+		s.pending = line // ends in '\n'; stays valid until the next read
 	}
-	line = line[:len(line)-1]
-	return bytes.TrimSuffix(line, []byte("\r")), nil
+	line := s.pending
+	i := bytes.IndexAny(line, "\r\n")
+	end := i + 1
+	if line[i] == '\r' && end < len(line) && line[end] == '\n' {
+		end++
+	}
+	s.pending = line[end:]
+	return line[:i], nil
 }
 
 // buffered reports whether more upstream bytes have already arrived, so the
 // writer can coalesce the flush of events that came together.
-func (s *sseReader) buffered() bool { return s.r.Buffered() > 0 }
+func (s *sseReader) buffered() bool { return len(s.pending) > 0 || s.r.Buffered() > 0 }
 
 // sseWriter writes server-sent events to the client. Every event is written
 // whole; flush pushes them to the network. While the writer is idle it sends a

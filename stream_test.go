@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -252,4 +253,51 @@ func TestUpstreamHeaders(t *testing.T) {
 	if ua := h.Get("User-Agent"); !strings.HasPrefix(ua, "codex_cli_rs/"+codexVersion) {
 		t.Errorf("User-Agent = %q; want the Codex CLI form", ua)
 	}
+}
+
+// FuzzSSEReader feeds arbitrary bytes to the upstream parser: it must not
+// panic or hang, and the events it returns must survive a round trip
+// through the writer's encoding.
+func FuzzSSEReader(f *testing.F) {
+	for _, s := range []string{
+		"event: response.output_text.delta\ndata: {\"delta\":\"hi\"}\n\n",
+		"data: a\ndata: b\n\n: comment\n\n",
+		"event: x\r\ndata: 1\r\n\r\n",
+		"data:no-space\n\ndata: {\"cut",
+		"\n\n\n:only comments\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		type ev struct{ name, data string }
+		parse := func(b []byte) ([]ev, error) {
+			var out []ev
+			rd := newSSEReader(bytes.NewReader(b))
+			for {
+				name, data, err := rd.next()
+				if err != nil {
+					return out, err
+				}
+				out = append(out, ev{string(name), string(data)})
+			}
+		}
+		events, _ := parse(in)
+		var enc bytes.Buffer
+		for _, e := range events {
+			if strings.ContainsAny(e.name, "\r\n") {
+				t.Fatalf("event name %q contains a line break", e.name)
+			}
+			if e.name != "" {
+				fmt.Fprintf(&enc, "event: %s\n", e.name)
+			}
+			for _, line := range strings.Split(e.data, "\n") {
+				fmt.Fprintf(&enc, "data: %s\n", line)
+			}
+			enc.WriteString("\n")
+		}
+		again, err := parse(enc.Bytes())
+		if !errors.Is(err, io.EOF) || fmt.Sprint(again) != fmt.Sprint(events) {
+			t.Fatalf("round trip changed the events:\n%q\n%q (%v)", events, again, err)
+		}
+	})
 }
