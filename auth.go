@@ -102,7 +102,10 @@ var errLoginRequired = errors.New("login required")
 // loginError is an errLoginRequired carrying the reason the user sees.
 type loginError struct{ reason string }
 
-func (e *loginError) Error() string        { return e.reason + ": " + loginHint }
+// Error says what happened and what to run.
+func (e *loginError) Error() string { return e.reason + ": " + loginHint }
+
+// Is makes errors.Is(err, errLoginRequired) true.
 func (e *loginError) Is(target error) bool { return target == errLoginRequired }
 
 // secret is a token held in memory. Its LogValue keeps it out of every log.
@@ -186,10 +189,9 @@ type authFile struct {
 // decodeAuthFile parses auth.json in either layout.
 func decodeAuthFile(data []byte) (*authFile, error) {
 	var v struct {
-		tokenFields                 // the flat layout
-		Tokens      *tokenFields    `json:"tokens"`
-		LastRefresh string          `json:"last_refresh"`
-		ExpiresAt   json.RawMessage `json:"expires_at"` // flat layout; the JWT exp is used instead
+		tokenFields              // the flat layout
+		Tokens      *tokenFields `json:"tokens"`
+		LastRefresh string       `json:"last_refresh"`
 	}
 	f := &authFile{}
 	if err := json.Unmarshal(data, &f.doc); err != nil {
@@ -314,27 +316,17 @@ func readDoc(path string) (map[string]json.RawMessage, error) {
 	return doc, nil
 }
 
-// readAuthFile reads and parses path. The FileInfo is taken from the open
-// file, so it describes exactly the bytes parsed.
-func readAuthFile(path string) (*authFile, os.FileInfo, error) {
-	file, err := os.Open(path)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read auth file %s: %w", path, err)
+// readAuthFile reads and parses path. Errors name the file.
+func readAuthFile(path string) (*authFile, error) {
+	data, err := os.ReadFile(path)
+	var f *authFile
+	if err == nil {
+		f, err = decodeAuthFile(data)
 	}
-	defer file.Close()
-	fi, err := file.Stat()
 	if err != nil {
-		return nil, nil, fmt.Errorf("read auth file %s: %w", path, err)
+		return nil, fmt.Errorf("read auth file %s: %w", path, err)
 	}
-	data, err := io.ReadAll(file)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read auth file %s: %w", path, err)
-	}
-	f, err := decodeAuthFile(data)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read auth file %s: %w", path, err)
-	}
-	return f, fi, nil
+	return f, nil
 }
 
 // writeAuthFile replaces path atomically with data, mode 0600, so that a
@@ -421,6 +413,7 @@ type tokenError struct {
 	code, description string
 }
 
+// Error relays the server's code and description.
 func (e *tokenError) Error() string {
 	msg := fmt.Sprintf("http %d", e.status)
 	if e.code != "" {
@@ -542,12 +535,14 @@ func (a *authStore) loggedIn() bool {
 	return err == nil
 }
 
-// stale reports whether f's access token must be refreshed.
+// stale reports whether f's access token must be refreshed. A token without
+// exp is used until the upstream rejects it.
 func (a *authStore) stale(f *authFile, rejected string) bool {
-	if rejected != "" && string(f.accessToken) == rejected {
+	if f.accessToken == "" || rejected != "" && string(f.accessToken) == rejected {
 		return true
 	}
-	return !a.now().Add(refreshSkew).Before(f.expires())
+	exp := f.expires()
+	return !exp.IsZero() && !a.now().Add(refreshSkew).Before(exp)
 }
 
 // load returns the parsed file. Unless force is set it re-reads only when the
@@ -556,13 +551,13 @@ func (a *authStore) stale(f *authFile, rejected string) bool {
 func (a *authStore) load(force bool) (*authFile, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !force && a.cached != nil {
-		fi, err := os.Stat(a.path)
-		if err == nil && os.SameFile(fi, a.stamp) && fi.Size() == a.stamp.Size() && fi.ModTime().Equal(a.stamp.ModTime()) {
-			return a.cached, nil
-		}
+	// Stat before reading: a change in between only costs one more read later.
+	fi, err := os.Stat(a.path)
+	if err == nil && !force && a.cached != nil &&
+		os.SameFile(fi, a.stamp) && fi.Size() == a.stamp.Size() && fi.ModTime().Equal(a.stamp.ModTime()) {
+		return a.cached, nil
 	}
-	f, fi, err := readAuthFile(a.path)
+	f, err := readAuthFile(a.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil, &loginError{"not logged in"}
@@ -1003,7 +998,7 @@ type authSummary struct {
 // printStatus prints `auth status` (one line) or `auth openai-info` (details)
 // from the file alone, without network. Not logged in is exit status 1.
 func printStatus(w io.Writer, path string, now time.Time, detailed, asJSON bool) error {
-	f, _, err := readAuthFile(path)
+	f, err := readAuthFile(path)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}

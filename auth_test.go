@@ -10,12 +10,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -306,12 +308,18 @@ func (o *output) waitFor(t *testing.T, re string) string {
 // fake in the background and returns its outputs and result.
 func startLogin(t *testing.T, fake *fakeOAuth, dir string, stdin io.Reader) (stdout, stderr *output, done chan error) {
 	t.Helper()
+	return startLoginOn(t, fake, dir, stdin, "0")
+}
+
+// startLoginOn is startLogin with the callback on port.
+func startLoginOn(t *testing.T, fake *fakeOAuth, dir string, stdin io.Reader, port string) (stdout, stderr *output, done chan error) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	env := map[string]string{"CODEX_HOME": dir, "CCPROXY_AUTH_URL": fake.URL}
 	stdout, stderr, done = newOutput(), newOutput(), make(chan error, 1)
 	go func() {
-		done <- runAuth(ctx, []string{"login-openai", "--no-browser", "--callback-port", "0"},
+		done <- runAuth(ctx, []string{"login-openai", "--no-browser", "--callback-port", port},
 			func(k string) string { return env[k] }, stdin, stdout, stderr)
 	}()
 	return stdout, stderr, done
@@ -453,6 +461,27 @@ func TestLoginCallbackRefused(t *testing.T) {
 				t.Errorf("auth.json exists after a refused login (stat: %v)", err)
 			}
 		})
+	}
+}
+
+func TestLoginCancelsStaleLogin(t *testing.T) {
+	fake := newFakeOAuth(t, time.Now().Add(time.Hour))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	ln.Close()
+	_, firstErr, first := startLoginOn(t, fake, t.TempDir(), blockedStdin(t), port)
+	firstErr.waitFor(t, "/oauth/authorize")
+
+	// A second login on the same port asks the first to stop, then binds.
+	_, secondErr, _ := startLoginOn(t, fake, t.TempDir(), blockedStdin(t), port)
+	if err := result(t, first); err == nil || !strings.Contains(err.Error(), "cancelled") {
+		t.Errorf("first login error = %v; want it cancelled", err)
+	}
+	if got := secondErr.waitFor(t, `redirect_uri=[^&\s]+`); !strings.Contains(got, "%3A"+port+"%2F") {
+		t.Errorf("second login %s; want port %s", got, port)
 	}
 }
 
