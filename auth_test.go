@@ -426,6 +426,8 @@ func TestLoginCallbackRefused(t *testing.T) {
 		}, http.StatusBadRequest, "Codex is not enabled for your workspace", "Codex is not enabled for your workspace"},
 		{"missing code", func(s string) url.Values { return url.Values{"state": {s}} },
 			http.StatusBadRequest, "no authorization code", "no authorization code"},
+		{"code refused by the token endpoint", func(s string) url.Values { return url.Values{"state": {s}, "code": {"bogus"}} },
+			http.StatusBadRequest, "unknown or used authorization code", "invalid_grant: unknown or used authorization code"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -965,6 +967,30 @@ func TestRunAuthUsage(t *testing.T) {
 	}
 	if _, stderr, _ := runAuthIn(t, dir, "", "status", "-h"); !strings.Contains(stderr, "--callback-port") || !strings.Contains(stderr, "CCPROXY_AUTH_URL") {
 		t.Errorf("-h printed %q; want the auth usage", stderr)
+	}
+}
+
+func TestParseTokenError(t *testing.T) {
+	tests := []struct {
+		name, body string
+		status     int
+		want       string
+		permanent  bool
+	}{
+		{"nested", `{"error":{"message":"Your refresh token has already been used.","type":"invalid_request_error","param":null,"code":"refresh_token_reused"}}`,
+			401, "http 401 refresh_token_reused: Your refresh token has already been used.", true},
+		{"rfc 6749", `{"error":"invalid_grant","error_description":"code expired"}`, 400, "http 400 invalid_grant: code expired", true},
+		{"expired code", `{"error":{"message":"expired","code":"refresh_token_expired"}}`, 400, "http 400 refresh_token_expired: expired", true},
+		{"server error", `upstream connect error`, 503, "http 503: upstream connect error", false},
+		{"rate limited", `{"error":"slow_down"}`, 429, "http 429 slow_down", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := parseTokenError(tc.status, []byte(tc.body))
+			if e.Error() != tc.want || e.permanent() != tc.permanent {
+				t.Errorf("parseTokenError = %q, permanent %v; want %q, %v", e.Error(), e.permanent(), tc.want, tc.permanent)
+			}
+		})
 	}
 }
 
