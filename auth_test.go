@@ -55,13 +55,17 @@ func chatgptJWT(t *testing.T, jti string, exp time.Time) string {
 	})
 }
 
-// writeFile writes data to path with mode 0600.
+// writeFile replaces path with data, mode 0600, atomically as the Codex CLI
+// does, so that a concurrent reader never sees half a file.
 func writeFile(t *testing.T, path, data string) {
 	t.Helper()
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
+	if err := os.WriteFile(path+".tmp", []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -389,7 +393,7 @@ func TestLoginCallback(t *testing.T) {
 	stdout, stderr, done := startLogin(t, fake, dir, blockedStdin(t))
 
 	authURL := stderr.waitFor(t, regexp.QuoteMeta(fake.URL)+`/oauth/authorize\?\S+`)
-	resp, err := http.Get(authURL) // plays the browser: authorize, then the redirect to the callback
+	resp, err := (&http.Client{}).Get(authURL) // plays the browser: authorize, then the redirect to the callback
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -439,7 +443,7 @@ func TestLoginCallbackRefused(t *testing.T) {
 				t.Fatal(err)
 			}
 			callback := authURL.Query().Get("redirect_uri")
-			resp, err := http.Get(callback + "?" + tc.query(authURL.Query().Get("state")).Encode())
+			resp, err := (&http.Client{}).Get(callback + "?" + tc.query(authURL.Query().Get("state")).Encode())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -449,7 +453,7 @@ func TestLoginCallbackRefused(t *testing.T) {
 				t.Errorf("callback = %d %q; want %d and %q", resp.StatusCode, page, tc.status, tc.page)
 			}
 			if tc.loginErr == "" { // still waiting: end it the way a second login would
-				resp, err := http.Get(strings.Replace(callback, "/auth/callback", "/cancel", 1))
+				resp, err := (&http.Client{}).Get(strings.Replace(callback, "/auth/callback", "/cancel", 1))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -782,7 +786,7 @@ func TestReadLayouts(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "auth.json")
 			writeFile(t, path, tc.file)
-			a := newAuthStore(path, "http://127.0.0.1:1", http.DefaultClient, func() time.Time { return testNow })
+			a := newAuthStore(path, "http://127.0.0.1:1", &http.Client{}, func() time.Time { return testNow })
 			tok, account, err := a.token(context.Background(), "")
 			if err != nil || string(tok) != access || account != tc.wantAccount {
 				t.Errorf("token() = _, %q, %v; want the access token and %q", account, err, tc.wantAccount)
@@ -830,7 +834,7 @@ func TestCorruptFile(t *testing.T) {
 }
 
 func TestMissingFile(t *testing.T) {
-	a := newAuthStore(filepath.Join(t.TempDir(), "auth.json"), "http://127.0.0.1:1", http.DefaultClient, time.Now)
+	a := newAuthStore(filepath.Join(t.TempDir(), "auth.json"), "http://127.0.0.1:1", &http.Client{}, time.Now)
 	_, _, err := a.token(context.Background(), "")
 	if !errors.Is(err, errLoginRequired) || err.Error() != "not logged in: run `ccproxy auth login-openai`" {
 		t.Errorf("token() error = %v; want errLoginRequired saying how to log in", err)
