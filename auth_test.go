@@ -393,7 +393,8 @@ func TestLoginCallback(t *testing.T) {
 	stdout, stderr, done := startLogin(t, fake, dir, blockedStdin(t))
 
 	authURL := stderr.waitFor(t, regexp.QuoteMeta(fake.URL)+`/oauth/authorize\?\S+`)
-	resp, err := (&http.Client{}).Get(authURL) // plays the browser: authorize, then the redirect to the callback
+	browser := &http.Client{}
+	resp, err := browser.Get(authURL) // authorize, then follow the redirect to the callback
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -443,7 +444,8 @@ func TestLoginCallbackRefused(t *testing.T) {
 				t.Fatal(err)
 			}
 			callback := authURL.Query().Get("redirect_uri")
-			resp, err := (&http.Client{}).Get(callback + "?" + tc.query(authURL.Query().Get("state")).Encode())
+			browser := &http.Client{}
+			resp, err := browser.Get(callback + "?" + tc.query(authURL.Query().Get("state")).Encode())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -453,7 +455,7 @@ func TestLoginCallbackRefused(t *testing.T) {
 				t.Errorf("callback = %d %q; want %d and %q", resp.StatusCode, page, tc.status, tc.page)
 			}
 			if tc.loginErr == "" { // still waiting: end it the way a second login would
-				resp, err := (&http.Client{}).Get(strings.Replace(callback, "/auth/callback", "/cancel", 1))
+				resp, err := browser.Get(strings.Replace(callback, "/auth/callback", "/cancel", 1))
 				if err != nil {
 					t.Fatal(err)
 				}
