@@ -922,18 +922,20 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 	if err != nil {
 		return err
 	}
-	fs := flag.NewFlagSet("auth "+args[0], flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, authUsage) }
+	flags := flag.NewFlagSet("auth "+args[0], flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	flags.Usage = func() { fmt.Fprint(stderr, authUsage) }
 	switch args[0] {
 	case "login-openai":
-		issuer := fs.String("auth-url", cmp.Or(getenv("CCPROXY_AUTH_URL"), defaultIssuer), "OAuth issuer")
-		port := fs.Int("callback-port", defaultCallbackPort, "port of the login callback")
-		noBrowser := fs.Bool("no-browser", false, "print the URL and accept a pasted redirect URL")
-		device := fs.Bool("device", false, "log in with a device code")
-		if ok, err := parseFlags(fs, args[1:]); !ok {
+		issuer := flags.String("auth-url", cmp.Or(getenv("CCPROXY_AUTH_URL"), defaultIssuer), "OAuth issuer")
+		port := flags.Int("callback-port", defaultCallbackPort, "port of the login callback")
+		noBrowser := flags.Bool("no-browser", false, "print the URL and accept a pasted redirect URL")
+		device := flags.Bool("device", false, "log in with a device code")
+		if ok, err := parseFlags(flags, args[1:]); !ok {
 			return err
 		}
+		// The client only makes short token-endpoint calls; the timeout keeps a
+		// hung issuer from hanging the command.
 		l := &login{issuer: strings.TrimRight(*issuer, "/"), path: path, client: &http.Client{Timeout: time.Minute},
 			now: time.Now, stdin: stdin, stderr: stderr, wait: sleepCtx}
 		if !*noBrowser {
@@ -952,14 +954,14 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 			cmp.Or(f.email(), "unknown email"), strings.ToUpper(cmp.Or(f.plan(), "unknown")), path)
 		return nil
 	case "status", "openai-info":
-		asJSON := fs.Bool("json", false, "print JSON")
-		if ok, err := parseFlags(fs, args[1:]); !ok {
+		asJSON := flags.Bool("json", false, "print JSON")
+		if ok, err := parseFlags(flags, args[1:]); !ok {
 			return err
 		}
 		return printStatus(stdout, path, time.Now(), args[0] == "openai-info", *asJSON)
 	case "logout":
-		yes := fs.Bool("yes", false, "do not ask for confirmation")
-		if ok, err := parseFlags(fs, args[1:]); !ok {
+		yes := flags.Bool("yes", false, "do not ask for confirmation")
+		if ok, err := parseFlags(flags, args[1:]); !ok {
 			return err
 		}
 		return logout(ctx, stdin, stdout, stderr, path, *yes)
@@ -968,15 +970,15 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 }
 
 // parseFlags parses a subcommand's flags. ok is false when the command must
-// stop: after -h (err nil), or on a bad flag, already reported by fs.
-func parseFlags(fs *flag.FlagSet, args []string) (ok bool, err error) {
-	switch err := fs.Parse(args); {
+// stop: after -h (err nil), or on a bad flag, already reported by flags.
+func parseFlags(flags *flag.FlagSet, args []string) (ok bool, err error) {
+	switch err := flags.Parse(args); {
 	case errors.Is(err, flag.ErrHelp):
 		return false, nil
 	case err != nil:
 		return false, exitStatus(2)
-	case fs.NArg() > 0:
-		return false, usagef("%s takes no arguments, got %q", fs.Name(), fs.Arg(0))
+	case flags.NArg() > 0:
+		return false, usagef("%s takes no arguments, got %q", flags.Name(), flags.Arg(0))
 	}
 	return true, nil
 }
