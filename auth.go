@@ -1033,11 +1033,14 @@ func printStatus(w io.Writer, path string, now time.Time, detailed, asJSON bool)
 	case !s.LoggedIn:
 		fmt.Fprintf(w, "not logged in: %s (%s)\n", loginHint, path)
 	case detailed:
+		refresh := "no"
+		if s.RefreshToken {
+			refresh = "yes"
+		}
 		fmt.Fprintf(w, "plan:           %s\naccount id:     %s\nemail:          %s\n",
 			strings.ToUpper(s.Plan), s.AccountID, s.Email)
 		fmt.Fprintf(w, "token expires:  %s (%s)\nauth file:      %s\nrefresh token:  %s\nlast refresh:   %s\naccess token:   %s…\n",
-			cmp.Or(s.ExpiresAt, "unknown"), valid, path, map[bool]string{true: "yes", false: "no"}[s.RefreshToken],
-			cmp.Or(s.LastRefresh, "unknown"), s.AccessTokenPrefix)
+			cmp.Or(s.ExpiresAt, "unknown"), valid, path, refresh, cmp.Or(s.LastRefresh, "unknown"), s.AccessTokenPrefix)
 	default:
 		fmt.Fprintf(w, "logged in as %s (%s), %s, %s\n", cmp.Or(s.Email, "unknown email"), cmp.Or(s.Plan, "unknown plan"), valid, path)
 	}
