@@ -62,6 +62,8 @@ const (
 	// lockTimeout bounds the wait for another process's lock; Codex holds it
 	// for milliseconds, so a longer wait means something is stuck.
 	lockTimeout = 30 * time.Second
+	// refreshTimeout bounds a refresh once it has been sent (see authStore.refresh).
+	refreshTimeout = time.Minute
 	// deviceTimeout is how long a device code stays usable (15 minutes in Codex).
 	deviceTimeout = 15 * time.Minute
 	// loginHint is the next step in every "log in (again)" message.
@@ -585,6 +587,11 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	if f.refreshToken == "" {
 		return nil, &loginError{"access token expired and " + a.path + " has no refresh token"}
 	}
+	// From here the refresh token is spent. If the caller gave up (a client
+	// disconnect) and the answer were dropped, the rotated refresh token would
+	// be lost and the user logged out, so the request and the write outlive ctx.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refreshTimeout)
+	defer cancel()
 	var resp tokenFields
 	req := map[string]string{"client_id": oauthClientID, "grant_type": "refresh_token", "refresh_token": string(f.refreshToken)}
 	if err := postJSON(ctx, a.client, a.issuer+"/oauth/token", req, &resp); err != nil {

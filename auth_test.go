@@ -113,6 +113,9 @@ type fakeOAuth struct {
 	*httptest.Server
 	t   *testing.T
 	exp time.Time // expiry of the access tokens it issues
+	// When refreshArrived is set, a refresh request signals it and waits for
+	// refreshGate to close before being answered.
+	refreshArrived, refreshGate chan struct{}
 
 	mu           sync.Mutex
 	codes        map[string]issuedCode // authorization codes not yet redeemed
@@ -193,6 +196,10 @@ func (f *fakeOAuth) tokens(w http.ResponseWriter) {
 // token serves the authorization-code grant (form body, §1.4) and the refresh
 // grant (JSON body, §1.8).
 func (f *fakeOAuth) token(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Content-Type") == "application/json" && f.refreshArrived != nil {
+		f.refreshArrived <- struct{}{}
+		<-f.refreshGate
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if r.Header.Get("Content-Type") == "application/json" {
@@ -594,6 +601,26 @@ func TestTokenRefreshConcurrent(t *testing.T) {
 	tokens := readJSON(t, path)["tokens"].(map[string]any)
 	if tokens["refresh_token"] != "rt-2" || tokens["access_token"] != string(got[0]) {
 		t.Errorf("file tokens = %v; want the rotated refresh token rt-2 and the new access token", tokens)
+	}
+}
+
+func TestTokenRefreshOutlivesCaller(t *testing.T) {
+	fake := newFakeOAuth(t, testNow.Add(time.Hour))
+	fake.refreshArrived, fake.refreshGate = make(chan struct{}), make(chan struct{})
+	path := filepath.Join(t.TempDir(), "auth.json")
+	writeFile(t, path, codexAuthJSON(chatgptJWT(t, "old", testNow.Add(-time.Hour)), "rt-1", ""))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := newTestStore(fake, path).token(ctx, "")
+		done <- err
+	}()
+	<-fake.refreshArrived
+	cancel() // the client disconnects while the refresh token is being spent
+	close(fake.refreshGate)
+	result(t, done)
+	if got := readJSON(t, path)["tokens"].(map[string]any)["refresh_token"]; got != "rt-2" {
+		t.Errorf("refresh_token on disk = %v; want the rotated rt-2 saved despite the cancelled caller", got)
 	}
 }
 
