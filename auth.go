@@ -331,40 +331,6 @@ func readAuthFile(path string) (*authFile, error) {
 	return f, nil
 }
 
-// writeAuthFile replaces path atomically with data, mode 0600, so that a
-// reader (ccproxy or the Codex CLI) never sees a half-written file and a crash
-// never leaves the user without credentials.
-func writeAuthFile(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("write auth file %s: %w", path, err)
-	}
-	tmp, err := os.CreateTemp(dir, ".auth.json.tmp-*")
-	if err != nil {
-		return fmt.Errorf("write auth file %s: %w", path, err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-			err = fmt.Errorf("write auth file %s: %w", path, err)
-		}
-	}()
-	if _, err := tmp.Write(data); err != nil {
-		return err
-	}
-	if err := tmp.Chmod(0o600); err != nil {
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
-}
-
 // lockAuthFile takes the advisory lock shared with the Codex CLI (see
 // lockFileName). It polls with LOCK_NB so that the wait honours ctx and is
 // bounded by lockTimeout. The returned func releases the lock.
@@ -613,7 +579,7 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	if err != nil {
 		return nil, fmt.Errorf("refresh access token: %w", err)
 	}
-	if err := writeAuthFile(a.path, data); err != nil {
+	if err := writeFileAtomic(a.path, data); err != nil {
 		return nil, err
 	}
 	return a.load(true)
@@ -845,7 +811,7 @@ func (l *login) save(ctx context.Context, f *authFile) error {
 	if err != nil {
 		return err
 	}
-	return writeAuthFile(l.path, data)
+	return writeFileAtomic(l.path, data)
 }
 
 // device runs the device-code flow (codex-backend.md §1.1): the user enters a
@@ -1115,7 +1081,7 @@ func logout(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, path
 		if err != nil {
 			return err
 		}
-		if err := writeAuthFile(path, data); err != nil {
+		if err := writeFileAtomic(path, data); err != nil {
 			return err
 		}
 	}

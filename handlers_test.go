@@ -29,6 +29,7 @@ var backendModels = []string{"gpt-5.5", "gpt-5.4", "gpt-5.1-codex"}
 // turn with reply, which writes SSE events.
 type fakeBackend struct {
 	*httptest.Server
+	token  string // the access token it accepts
 	mu     sync.Mutex
 	bodies []map[string]any
 	heads  []http.Header
@@ -38,14 +39,17 @@ type fakeBackend struct {
 // newFakeBackend starts a fake backend answering every turn with reply.
 func newFakeBackend(t testing.TB, reply func(w http.ResponseWriter, r *http.Request, body map[string]any)) *fakeBackend {
 	t.Helper()
-	fb := &fakeBackend{reply: reply}
+	fb := &fakeBackend{reply: reply, token: testAccessToken}
 	fb.Server = httptest.NewServer(http.HandlerFunc(fb.serve))
 	t.Cleanup(fb.Close)
 	return fb
 }
 
 func (fb *fakeBackend) serve(w http.ResponseWriter, r *http.Request) {
-	if r.Header.Get("Authorization") != "Bearer "+testAccessToken || r.Header.Get("Chatgpt-Account-Id") != testAccountID {
+	fb.mu.Lock()
+	token := fb.token
+	fb.mu.Unlock()
+	if r.Header.Get("Authorization") != "Bearer "+token || r.Header.Get("Chatgpt-Account-Id") != testAccountID {
 		w.WriteHeader(401)
 		io.WriteString(w, `{"detail":"Unauthorized"}`)
 		return
@@ -946,4 +950,75 @@ func BenchmarkHeapPerStream(b *testing.B) {
 		b.ReportMetric(pr-d, "added-B/stream")
 	}
 	b.ReportMetric(0, "ns/op")
+}
+
+// TestTokenRefreshFaults drives the upstream 401 path through the real
+// credential file and a fake token endpoint.
+func TestTokenRefreshFaults(t *testing.T) {
+	fresh := testJWT(map[string]any{"exp": time.Now().Add(time.Hour).Unix(),
+		"https://api.openai.com/auth": map[string]any{"chatgpt_account_id": testAccountID}})
+	tests := []struct {
+		name          string
+		backendToken  string // what the backend accepts after the first 401
+		tokenEndpoint int    // status of the fake token endpoint; 0 = down
+		wantStatus    int
+		want          string
+		wantCalls     int
+	}{
+		{"refresh then retry", fresh, 200, 200, `"content":"ok"`, 2},
+		{"401 twice", "never", 200, 401, "ccproxy auth login-openai", 2},
+		{"refresh token reused", fresh, 401, 401, "already been used", 1},
+		{"token endpoint down", fresh, 0, 502, "could not refresh the ChatGPT token", 1},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var refreshes int
+			oauth := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				refreshes++
+				if tc.tokenEndpoint == 401 {
+					w.WriteHeader(401)
+					io.WriteString(w, `{"error":{"message":"Your refresh token has already been used to generate a new access token. Please try signing in again.","type":"invalid_request_error","param":null,"code":"refresh_token_reused"}}`)
+					return
+				}
+				json.NewEncoder(w).Encode(map[string]string{"access_token": fresh, "refresh_token": "rt_rotated"})
+			}))
+			defer oauth.Close()
+			authURL := oauth.URL
+			if tc.tokenEndpoint == 0 {
+				oauth.Close()
+			}
+			calls := 0
+			var fb *fakeBackend
+			fb = newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				writeEvents(w, textReply("resp_1", "ok"))
+			})
+			fb.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls++
+				fb.serve(w, r)
+				fb.mu.Lock()
+				fb.token = tc.backendToken // the first token is now revoked
+				fb.mu.Unlock()
+			})
+			fb.token = "revoked"
+			p := newProxy(t, fb, func(c *config) { c.authURL = authURL })
+			resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+			if resp.StatusCode != tc.wantStatus || !strings.Contains(body, tc.want) {
+				t.Errorf("%d %s; want %d with %q", resp.StatusCode, body, tc.wantStatus, tc.want)
+			}
+			if calls != tc.wantCalls {
+				t.Errorf("backend called %d times; want %d", calls, tc.wantCalls)
+			}
+			if tc.tokenEndpoint != 0 && refreshes != 1 {
+				t.Errorf("token endpoint called %d times; want 1", refreshes)
+			}
+			file, _ := os.ReadFile(p.cfg.authPath)
+			refreshed := tc.tokenEndpoint == 200
+			if refreshed && !bytes.Contains(file, []byte("rt_rotated")) {
+				t.Errorf("rotated refresh token not saved:\n%s", file)
+			}
+			if !refreshed && !bytes.Contains(file, []byte("rt_test")) {
+				t.Errorf("credential file changed after a failed refresh:\n%s", file)
+			}
+		})
+	}
 }

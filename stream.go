@@ -268,6 +268,10 @@ func (u *upstream) do(ctx context.Context, method, path string, body []byte, hea
 	rejected := ""
 	for attempt := 0; ; {
 		tok, account, err := u.auth.token(ctx, rejected)
+		if err != nil && !errors.Is(err, errLoginRequired) && ctx.Err() == nil {
+			err = &apiError{status: 502, typ: "api_error", code: "token_refresh_failed",
+				message: "could not refresh the ChatGPT token (" + err.Error() + "); try again, or run `ccproxy auth login-openai`"}
+		}
 		if err != nil {
 			return nil, err
 		}
