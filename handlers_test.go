@@ -308,7 +308,7 @@ func TestChatCompletion(t *testing.T) {
 	if jsonPath(up, "input", 0, "role") != "developer" || up["prompt_cache_key"] != resp.Header.Get("X-Session-Id") {
 		t.Errorf("upstream body %v; want the system message as developer and prompt_cache_key = session id", up)
 	}
-	if h := fb.heads[0]; h.Get("Cookie") != "" || h.Get("Session-Id") != resp.Header.Get("X-Session-Id") {
+	if h := fb.heads[0]; h.Get("Authorization") != "Bearer "+testAccessToken || h.Get("Cookie") != "" || h.Get("Session-Id") != resp.Header.Get("X-Session-Id") {
 		t.Errorf("upstream headers %v: inbound cookie forwarded or session-id missing", h)
 	}
 	for _, secret := range []string{testAccessToken, "client-junk", "rt_test"} {
@@ -551,6 +551,7 @@ func TestBadRequests(t *testing.T) {
 		{"missing input", "POST", "/codex/v1/responses", `{"model":"gpt-5.5"}`, 400, `"param":"input"`},
 		{"unknown model relayed", "POST", "/codex/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`, 400, "not supported when using Codex with a ChatGPT account"},
 		{"oversized body", "POST", "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"` + strings.Repeat("x", maxBodyBytes) + `"}]}`, 413, "request_too_large"},
+		{"deeply nested", "POST", "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":` + strings.Repeat("[", 100000), 400, `"type":"invalid_request_error"`},
 		{"unknown route", "GET", "/v1/nothing", "", 404, `"code":"not_found"`},
 		{"wrong method", "GET", "/codex/v1/chat/completions", "", 405, `"code":"method_not_allowed"`},
 		{"unknown session", "GET", "/codex/sessions/nope", "", 404, "Session not found"},
@@ -1021,4 +1022,60 @@ func TestTokenRefreshFaults(t *testing.T) {
 			}
 		})
 	}
+}
+
+// settleGoroutines waits until the goroutine count is back to base, and
+// fails the test if it never gets there: something leaked.
+func settleGoroutines(t *testing.T, base int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > base {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines still running; want %d:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
+		}
+		runtime.Gosched()
+	}
+}
+
+// TestStalledUpstream: the backend sends headers and then nothing. The client
+// gets keepalives, leaves, and every goroutine of the exchange ends.
+func TestStalledUpstream(t *testing.T) {
+	base := runtime.NumGoroutine()
+	func() {
+		backendGone := make(chan struct{})
+		fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.WriteHeader(200)
+			http.NewResponseController(w).Flush()
+			<-r.Context().Done()
+			close(backendGone)
+		})
+		p := newProxy(t, fb, func(c *config) { c.keepalive = 5 * time.Millisecond })
+		client := &http.Client{Transport: &http.Transport{}}
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, "POST", p.URL+"/codex/v1/responses", strings.NewReader(`{"model":"gpt-5.5","stream":true,"input":"hi"}`))
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(resp.Body)
+		for n := 0; n < 2; {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				t.Fatalf("stream ended: %v", err)
+			}
+			if line == ": keepalive\n" {
+				n++
+			}
+		}
+		cancel()
+		resp.Body.Close()
+		<-backendGone
+		client.CloseIdleConnections()
+		fb.Client().CloseIdleConnections()
+		p.Close()
+		fb.Close()
+	}()
+	settleGoroutines(t, base)
 }
