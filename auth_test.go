@@ -566,7 +566,7 @@ func TestLoginDevice(t *testing.T) {
 }
 
 // newTestStore returns a store on path using fake and the test clock.
-func newTestStore(fake *fakeOAuth, path string) *authStore {
+func newTestAuthStore(fake *fakeOAuth, path string) *authStore {
 	return newAuthStore(path, fake.URL, fake.Client(), func() time.Time { return testNow })
 }
 
@@ -575,7 +575,7 @@ func TestTokenRefreshConcurrent(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "auth.json")
 	expired := chatgptJWT(t, "old", testNow.Add(-time.Minute))
 	writeFile(t, path, codexAuthJSON(expired, "rt-1", chatgptJWT(t, "id", testNow)))
-	a := newTestStore(fake, path)
+	a := newTestAuthStore(fake, path)
 
 	const callers = 50
 	got := make([]secret, callers)
@@ -612,7 +612,7 @@ func TestTokenRefreshOutlivesCaller(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := newTestStore(fake, path).token(ctx, "")
+		_, _, err := newTestAuthStore(fake, path).token(ctx, "")
 		done <- err
 	}()
 	<-fake.refreshArrived
@@ -631,7 +631,7 @@ func TestTokenRefreshReused(t *testing.T) {
 	writeFile(t, path, codexAuthJSON(chatgptJWT(t, "old", testNow.Add(-time.Hour)), "rt-1", chatgptJWT(t, "id", testNow)))
 	before, _ := os.ReadFile(path)
 
-	_, _, err := newTestStore(fake, path).token(context.Background(), "")
+	_, _, err := newTestAuthStore(fake, path).token(context.Background(), "")
 	if !errors.Is(err, errLoginRequired) {
 		t.Fatalf("token() error = %v; want errLoginRequired", err)
 	}
@@ -688,7 +688,7 @@ func TestTokenAdoptsOtherProcessRefresh(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "auth.json")
 			old, fresh := chatgptJWT(t, "old", testNow.Add(time.Hour)), chatgptJWT(t, "fresh", testNow.Add(2*time.Hour))
 			writeFile(t, path, codexAuthJSON(old, "rt-1", ""))
-			tok, err := tc.run(t, newTestStore(fake, path), path, old, fresh)
+			tok, err := tc.run(t, newTestAuthStore(fake, path), path, old, fresh)
 			if err != nil || string(tok) != fresh {
 				t.Errorf("token() = %v; want the token the other process wrote", err)
 			}
@@ -722,7 +722,7 @@ func TestTokenLockWaitHonoursContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		_, _, err := newTestStore(fake, path).token(ctx, "")
+		_, _, err := newTestAuthStore(fake, path).token(ctx, "")
 		done <- err
 	}()
 	cancel()
@@ -739,7 +739,7 @@ func TestTokenRejectedRefreshesOnce(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "auth.json")
 	old := chatgptJWT(t, "old", testNow.Add(time.Hour))
 	writeFile(t, path, codexAuthJSON(old, "rt-1", ""))
-	a := newTestStore(fake, path)
+	a := newTestAuthStore(fake, path)
 	first, _, err := a.token(context.Background(), old)
 	if err != nil || string(first) == old {
 		t.Fatalf("token(rejected) = %v; want a new token", err)
@@ -767,7 +767,7 @@ func TestTokenRefreshPreservesFile(t *testing.T) {
 	if err := os.Chmod(path, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	a := newTestStore(fake, path)
+	a := newTestAuthStore(fake, path)
 	old, account, err := a.token(context.Background(), "")
 	if err != nil || account != "532cfd8b-7b79-49b5-a51e-858c96e5b053" {
 		t.Fatalf("token() = _, %q, %v; want the fixture's account", account, err)
@@ -840,7 +840,7 @@ func TestCorruptFile(t *testing.T) {
 			dir := t.TempDir()
 			path := filepath.Join(dir, "auth.json")
 			writeFile(t, path, tc.file)
-			a := newTestStore(fake, path)
+			a := newTestAuthStore(fake, path)
 			if _, _, err := a.token(context.Background(), "rejected"); err == nil || !strings.Contains(err.Error(), path) {
 				t.Errorf("token() error = %v; want one naming %s", err, path)
 			}

@@ -35,7 +35,7 @@ func (c *fakeClock) advance(d time.Duration) {
 }
 
 // newTestStore opens a store on dir with a 24h ttl.
-func newTestStore(t testing.TB, dir string, clock *fakeClock, maxSessions int, maxBytes int64) *sessionStore {
+func newTestSessionStore(t testing.TB, dir string, clock *fakeClock, maxSessions int, maxBytes int64) *sessionStore {
 	t.Helper()
 	s, err := newSessionStore(dir, 24*time.Hour, maxSessions, maxBytes, clock.now)
 	if err != nil {
@@ -61,8 +61,8 @@ func reasoningItem(id string) json.RawMessage {
 	return js(`{"type":"reasoning","id":%q,"summary":[],"encrypted_content":"gAAAA%s"}`, id, id)
 }
 
-// turn runs one committed turn and returns what was sent upstream.
-func turn(t testing.TB, s *sessionStore, id string, incoming, output []json.RawMessage, respID string) []json.RawMessage {
+// sessionTurn runs one committed turn and returns what was sent upstream.
+func sessionTurn(t testing.TB, s *sessionStore, id string, incoming, output []json.RawMessage, respID string) []json.RawMessage {
 	t.Helper()
 	ss, err := s.acquire(context.Background(), id)
 	if err != nil {
@@ -174,10 +174,10 @@ func TestStripID(t *testing.T) {
 }
 
 func TestSessionAppendAcrossTurns(t *testing.T) {
-	s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
-	turn(t, s, "alice", []json.RawMessage{userMsg("My name is Alice")},
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
+	sessionTurn(t, s, "alice", []json.RawMessage{userMsg("My name is Alice")},
 		[]json.RawMessage{reasoningItem("rs_1"), assistantMsg("msg_1", "Nice to meet you, Alice.")}, "resp_1")
-	sent := turn(t, s, "alice", []json.RawMessage{userMsg("What is my name?")},
+	sent := sessionTurn(t, s, "alice", []json.RawMessage{userMsg("What is my name?")},
 		[]json.RawMessage{assistantMsg("msg_2", "Alice.")}, "resp_2")
 	got := texts(sent)
 	want := "user:My name is Alice | reasoning | assistant:Nice to meet you, Alice. | user:What is my name?"
@@ -229,8 +229,8 @@ func TestSessionPrefixRule(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
-			turn(t, s, "p", stored[:1], stored[1:], "resp_1")
+			s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
+			sessionTurn(t, s, "p", stored[:1], stored[1:], "resp_1")
 			ss, err := s.acquire(context.Background(), "p")
 			if err != nil {
 				t.Fatal(err)
@@ -246,12 +246,12 @@ func TestSessionPrefixRule(t *testing.T) {
 // A chat client resends [user, assistant] after a turn that stored
 // [user, reasoning, assistant]: the history must not be doubled.
 func TestSessionChatResend(t *testing.T) {
-	s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
-	turn(t, s, "chat", []json.RawMessage{userMsg("My name is Alice")},
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
+	sessionTurn(t, s, "chat", []json.RawMessage{userMsg("My name is Alice")},
 		[]json.RawMessage{reasoningItem("rs_1"), assistantMsg("msg_1", "Hi Alice.")}, "resp_1")
 	incoming := []json.RawMessage{js(`{"role":"user","content":"My name is Alice"}`),
 		js(`{"role":"assistant","content":"Hi Alice."}`), js(`{"role":"user","content":"Who am I?"}`)}
-	sent := turn(t, s, "chat", incoming, []json.RawMessage{assistantMsg("msg_2", "Alice.")}, "resp_2")
+	sent := sessionTurn(t, s, "chat", incoming, []json.RawMessage{assistantMsg("msg_2", "Alice.")}, "resp_2")
 	if got, want := len(sent), 3; got != want {
 		t.Errorf("len(input) = %d (%s); want %d, the resend as is", got, texts(sent), want)
 	}
@@ -259,11 +259,11 @@ func TestSessionChatResend(t *testing.T) {
 
 func TestSessionRestart(t *testing.T) {
 	dir, clock := t.TempDir(), newFakeClock()
-	s := newTestStore(t, dir, clock, 10, 0)
-	turn(t, s, "r", []json.RawMessage{userMsg("My name is Alice")}, []json.RawMessage{assistantMsg("m1", "ok")}, "resp_1")
-	turn(t, s, "r", []json.RawMessage{userMsg("I like tea")}, []json.RawMessage{assistantMsg("m2", "ok")}, "resp_2")
+	s := newTestSessionStore(t, dir, clock, 10, 0)
+	sessionTurn(t, s, "r", []json.RawMessage{userMsg("My name is Alice")}, []json.RawMessage{assistantMsg("m1", "ok")}, "resp_1")
+	sessionTurn(t, s, "r", []json.RawMessage{userMsg("I like tea")}, []json.RawMessage{assistantMsg("m2", "ok")}, "resp_2")
 
-	s2 := newTestStore(t, dir, clock, 10, 0)
+	s2 := newTestSessionStore(t, dir, clock, 10, 0)
 	if ss := s2.index["r"]; ss == nil || ss.data != nil {
 		t.Fatalf("after restart index[r] = %+v; want an entry with no transcript loaded", ss)
 	}
@@ -293,10 +293,10 @@ func TestSessionRestart(t *testing.T) {
 
 func TestSessionExpiry(t *testing.T) {
 	dir, clock := t.TempDir(), newFakeClock()
-	s := newTestStore(t, dir, clock, 10, 0)
-	turn(t, s, "old", []json.RawMessage{userMsg("a")}, []json.RawMessage{assistantMsg("m", "b")}, "resp_old")
+	s := newTestSessionStore(t, dir, clock, 10, 0)
+	sessionTurn(t, s, "old", []json.RawMessage{userMsg("a")}, []json.RawMessage{assistantMsg("m", "b")}, "resp_old")
 	clock.advance(23 * time.Hour)
-	turn(t, s, "new", []json.RawMessage{userMsg("c")}, []json.RawMessage{assistantMsg("m", "d")}, "resp_new")
+	sessionTurn(t, s, "new", []json.RawMessage{userMsg("c")}, []json.RawMessage{assistantMsg("m", "d")}, "resp_new")
 	clock.advance(2 * time.Hour) // old idle 25h, new idle 2h
 
 	if _, _, err := s.get("old"); err == nil {
@@ -316,7 +316,7 @@ func TestSessionExpiry(t *testing.T) {
 	}
 	// Expiry survives a restart: mtimes carry the injected clock.
 	clock.advance(23 * time.Hour)
-	s2 := newTestStore(t, dir, clock, 10, 0)
+	s2 := newTestSessionStore(t, dir, clock, 10, 0)
 	if infos, _ := s2.list(); len(infos) != 0 {
 		t.Errorf("list() after restart = %+v; want none", infos)
 	}
@@ -331,7 +331,7 @@ func TestSessionExpiry(t *testing.T) {
 }
 
 func TestSessionSerialized(t *testing.T) {
-	s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
 	ctx := context.Background()
 	first, err := s.acquire(ctx, "one")
 	if err != nil {
@@ -377,7 +377,7 @@ func TestSessionSerialized(t *testing.T) {
 }
 
 func TestSessionAcquireCancel(t *testing.T) {
-	s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
 	held, err := s.acquire(context.Background(), "c")
 	if err != nil {
 		t.Fatal(err)
@@ -404,14 +404,14 @@ func TestSessionAcquireCancel(t *testing.T) {
 func TestSessionCaps(t *testing.T) {
 	t.Run("evicts oldest idle", func(t *testing.T) {
 		dir, clock := t.TempDir(), newFakeClock()
-		s := newTestStore(t, dir, clock, 2, 0)
+		s := newTestSessionStore(t, dir, clock, 2, 0)
 		for _, id := range []string{"a", "b"} {
-			turn(t, s, id, []json.RawMessage{userMsg(id)}, nil, "resp_"+id)
+			sessionTurn(t, s, id, []json.RawMessage{userMsg(id)}, nil, "resp_"+id)
 			clock.advance(time.Minute)
 		}
-		turn(t, s, "a", []json.RawMessage{userMsg("a again")}, nil, "resp_a2") // b is now oldest
+		sessionTurn(t, s, "a", []json.RawMessage{userMsg("a again")}, nil, "resp_a2") // b is now oldest
 		clock.advance(time.Minute)
-		turn(t, s, "c", []json.RawMessage{userMsg("c")}, nil, "resp_c")
+		sessionTurn(t, s, "c", []json.RawMessage{userMsg("c")}, nil, "resp_c")
 		infos, err := s.list()
 		var ids []string
 		for _, in := range infos {
@@ -428,7 +428,7 @@ func TestSessionCaps(t *testing.T) {
 		}
 	})
 	t.Run("429 when all busy", func(t *testing.T) {
-		s := newTestStore(t, t.TempDir(), newFakeClock(), 2, 0)
+		s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 2, 0)
 		for _, id := range []string{"a", "b"} {
 			ss, err := s.acquire(context.Background(), id)
 			if err != nil {
@@ -443,8 +443,8 @@ func TestSessionCaps(t *testing.T) {
 		}
 	})
 	t.Run("413 on bytes", func(t *testing.T) {
-		s := newTestStore(t, t.TempDir(), newFakeClock(), 2, 300)
-		turn(t, s, "big", []json.RawMessage{userMsg(strings.Repeat("x", 100))}, nil, "resp_1")
+		s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 2, 300)
+		sessionTurn(t, s, "big", []json.RawMessage{userMsg(strings.Repeat("x", 100))}, nil, "resp_1")
 		ss, err := s.acquire(context.Background(), "big")
 		if err != nil {
 			t.Fatal(err)
@@ -462,8 +462,8 @@ func TestSessionCaps(t *testing.T) {
 }
 
 func TestSessionFailedTurn(t *testing.T) {
-	s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
-	turn(t, s, "f", []json.RawMessage{userMsg("one")}, []json.RawMessage{assistantMsg("m", "two")}, "resp_1")
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
+	sessionTurn(t, s, "f", []json.RawMessage{userMsg("one")}, []json.RawMessage{assistantMsg("m", "two")}, "resp_1")
 	ss, err := s.acquire(context.Background(), "f")
 	if err != nil {
 		t.Fatal(err)
@@ -491,9 +491,9 @@ func TestSessionFailedTurn(t *testing.T) {
 
 func TestSessionCrashSafe(t *testing.T) {
 	dir, clock := t.TempDir(), newFakeClock()
-	s := newTestStore(t, dir, clock, 10, 0)
-	turn(t, s, "good", []json.RawMessage{userMsg("keep me")}, nil, "resp_1")
-	turn(t, s, "bad", []json.RawMessage{userMsg("x")}, nil, "resp_2")
+	s := newTestSessionStore(t, dir, clock, 10, 0)
+	sessionTurn(t, s, "good", []json.RawMessage{userMsg("keep me")}, nil, "resp_1")
+	sessionTurn(t, s, "bad", []json.RawMessage{userMsg("x")}, nil, "resp_2")
 	torn := filepath.Join(dir, "good.json.tmp123456")
 	if err := os.WriteFile(torn, []byte(`{"id":"good","items":[{"ty`), 0o600); err != nil {
 		t.Fatal(err)
@@ -505,7 +505,7 @@ func TestSessionCrashSafe(t *testing.T) {
 	}
 	os.Chtimes(badPath, clock.now(), clock.now()) // not expired on the fake clock
 
-	s2 := newTestStore(t, dir, clock, 10, 0)
+	s2 := newTestSessionStore(t, dir, clock, 10, 0)
 	if _, err := os.Stat(torn); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stray temp file not cleaned: %v", err)
 	}
@@ -529,8 +529,8 @@ func TestSessionCrashSafe(t *testing.T) {
 
 func TestSessionCommitFailure(t *testing.T) {
 	dir := t.TempDir()
-	s := newTestStore(t, dir, newFakeClock(), 10, 0)
-	turn(t, s, "ro", []json.RawMessage{userMsg("one")}, nil, "resp_1")
+	s := newTestSessionStore(t, dir, newFakeClock(), 10, 0)
+	sessionTurn(t, s, "ro", []json.RawMessage{userMsg("one")}, nil, "resp_1")
 	before, _ := os.ReadFile(filepath.Join(dir, "ro.json"))
 	for _, d := range []string{dir, filepath.Join(dir, "responses")} {
 		if err := os.Chmod(d, 0o500); err != nil {
@@ -561,10 +561,10 @@ func TestSessionCommitFailure(t *testing.T) {
 }
 
 func TestSessionPreviousResponse(t *testing.T) {
-	s := newTestStore(t, t.TempDir(), newFakeClock(), 10, 0)
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 0)
 	ctx := context.Background()
-	turn(t, s, "main", []json.RawMessage{userMsg("q1")}, []json.RawMessage{assistantMsg("m1", "a1")}, "resp_1")
-	turn(t, s, "main", []json.RawMessage{userMsg("q2")}, []json.RawMessage{assistantMsg("m2", "a2")}, "resp_2")
+	sessionTurn(t, s, "main", []json.RawMessage{userMsg("q1")}, []json.RawMessage{assistantMsg("m1", "a1")}, "resp_1")
+	sessionTurn(t, s, "main", []json.RawMessage{userMsg("q2")}, []json.RawMessage{assistantMsg("m2", "a2")}, "resp_2")
 
 	t.Run("latest continues", func(t *testing.T) {
 		ss, err := s.acquireResponse(ctx, "resp_2")
@@ -632,10 +632,10 @@ func TestSessionPreviousResponse(t *testing.T) {
 
 func TestSessionListGetDelete(t *testing.T) {
 	dir, clock := t.TempDir(), newFakeClock()
-	s := newTestStore(t, dir, clock, 10, 0)
-	turn(t, s, "x", []json.RawMessage{userMsg("1")}, []json.RawMessage{assistantMsg("m", "2")}, "resp_x")
+	s := newTestSessionStore(t, dir, clock, 10, 0)
+	sessionTurn(t, s, "x", []json.RawMessage{userMsg("1")}, []json.RawMessage{assistantMsg("m", "2")}, "resp_x")
 	clock.advance(time.Minute)
-	turn(t, s, "y", []json.RawMessage{userMsg("3")}, nil, "resp_y")
+	sessionTurn(t, s, "y", []json.RawMessage{userMsg("3")}, nil, "resp_y")
 
 	infos, err := s.list()
 	if err != nil {
@@ -680,11 +680,11 @@ func TestSessionListGetDelete(t *testing.T) {
 // Idle transcripts beyond the budget are dropped from memory and reloaded.
 func TestSessionLoadedBudget(t *testing.T) {
 	clock := newFakeClock()
-	s := newTestStore(t, t.TempDir(), clock, 10, 0)
+	s := newTestSessionStore(t, t.TempDir(), clock, 10, 0)
 	s.budget = 1
-	turn(t, s, "a", []json.RawMessage{userMsg("a")}, nil, "resp_a")
+	sessionTurn(t, s, "a", []json.RawMessage{userMsg("a")}, nil, "resp_a")
 	clock.advance(time.Second)
-	turn(t, s, "b", []json.RawMessage{userMsg("b")}, nil, "resp_b")
+	sessionTurn(t, s, "b", []json.RawMessage{userMsg("b")}, nil, "resp_b")
 	s.mu.Lock()
 	n, sz := len(s.loaded), s.loadedSz
 	s.mu.Unlock()
@@ -737,7 +737,7 @@ func BenchmarkSessionTurn(b *testing.B) {
 		{"warm-tmpfs", false, true, tmpfs}, {"cold-tmpfs", true, true, tmpfs},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			s := newTestStore(b, bc.dir(b), newFakeClock(), 10, 0)
+			s := newTestSessionStore(b, bc.dir(b), newFakeClock(), 10, 0)
 			s.sync = bc.sync
 			if bc.cold {
 				s.budget = 0 // every release drops the transcript; every acquire reads the file
@@ -746,7 +746,7 @@ func BenchmarkSessionTurn(b *testing.B) {
 				if err := s.delete("bench"); err != nil && !strings.Contains(err.Error(), "not found") {
 					b.Fatal(err)
 				}
-				turn(b, s, "bench", base[:len(base)-2], base[len(base)-2:], "resp_base")
+				sessionTurn(b, s, "bench", base[:len(base)-2], base[len(base)-2:], "resp_base")
 			}
 			reset()
 			// ns/op includes the untimed-in-spirit reset; ns/turn is the turn
@@ -779,7 +779,7 @@ func BenchmarkSessionTurn(b *testing.B) {
 func BenchmarkIdleSessions(b *testing.B) {
 	const n = 10_000
 	dir, clock := b.TempDir(), newFakeClock()
-	w := newTestStore(b, dir, clock, 0, 0)
+	w := newTestSessionStore(b, dir, clock, 0, 0)
 	w.sync = false
 	items := benchItems(3)
 	for i := range n {
@@ -794,7 +794,7 @@ func BenchmarkIdleSessions(b *testing.B) {
 		var before, after runtime.MemStats
 		runtime.GC()
 		runtime.ReadMemStats(&before)
-		s := newTestStore(b, dir, clock, 0, 0)
+		s := newTestSessionStore(b, dir, clock, 0, 0)
 		infos, err := s.list()
 		if err != nil || len(infos) != n {
 			b.Fatalf("list() = %d sessions, %v; want %d", len(infos), err, n)
@@ -811,8 +811,8 @@ func BenchmarkIdleSessions(b *testing.B) {
 // written by anyone: a directory where the response index file would go.
 func TestSessionCommitFailureBlocked(t *testing.T) {
 	dir := t.TempDir()
-	s := newTestStore(t, dir, newFakeClock(), 10, 0)
-	turn(t, s, "blk", []json.RawMessage{userMsg("one")}, nil, "resp_1")
+	s := newTestSessionStore(t, dir, newFakeClock(), 10, 0)
+	sessionTurn(t, s, "blk", []json.RawMessage{userMsg("one")}, nil, "resp_1")
 	before, _ := os.ReadFile(filepath.Join(dir, "blk.json"))
 	if err := os.MkdirAll(filepath.Join(dir, "responses", "resp_2", "x"), 0o700); err != nil {
 		t.Fatal(err)
@@ -853,7 +853,7 @@ func TestSessionFileLayouts(t *testing.T) {
 				t.Fatal(err)
 			}
 			os.Chtimes(path, clock.now(), clock.now())
-			s := newTestStore(t, dir, clock, 10, 0)
+			s := newTestSessionStore(t, dir, clock, 10, 0)
 			_, items, err := s.get("h")
 			if tc.wantErr {
 				wantAPIError(t, err, 500, "session_unreadable")
