@@ -398,9 +398,9 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 			err = commit()
 		}
 		if err != nil {
-			if e := toAPIError(err); e != nil && sw.err == nil {
+			if e := toAPIError(err); e != nil {
 				ri.logger.Warn("stream failed", "err", err)
-				sw.event(errorEvent(e, c.chat))
+				sw.event(errorEvent(e, c.chat)) // a no-op when the client is gone
 				sw.flush()
 			}
 			return

@@ -989,8 +989,7 @@ func TestTokenRefreshFaults(t *testing.T) {
 				oauth.Close()
 			}
 			calls := 0
-			var fb *fakeBackend
-			fb = newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
 				writeEvents(w, textReply("resp_1", "ok"))
 			})
 			fb.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -146,6 +146,8 @@ func startSSE(w http.ResponseWriter, interval time.Duration) *sseWriter {
 	h.Set("X-Accel-Buffering", "no") // keeps reverse proxies such as nginx from buffering
 	w.WriteHeader(http.StatusOK)
 	s := &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval}
+	s.mu.Lock() // the timer may fire before s.idle is set
+	defer s.mu.Unlock()
 	s.err = s.rc.Flush()
 	s.idle = time.AfterFunc(interval, s.keepalive)
 	return s
