@@ -770,9 +770,9 @@ func TestInstructionsFallback(t *testing.T) {
 	}
 }
 
-// loadReply streams 200 one-token deltas, flushing each, and waits for hold
-// (when not nil) after the first one.
-func loadReply(hold <-chan struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+// loadReply streams 200 one-token deltas, flushing each, one every pace (all
+// at once when pace is 0), and waits for hold (when not nil) after the first.
+func loadReply(hold <-chan struct{}, pace time.Duration) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
 	parts := make([]string, 200)
 	for i := range parts {
 		parts[i] = "tok "
@@ -787,7 +787,20 @@ func loadReply(hold <-chan struct{}) func(w http.ResponseWriter, r *http.Request
 				return
 			}
 		}
-		writeEvents(w, events[3:])
+		if pace == 0 {
+			writeEvents(w, events[3:])
+			return
+		}
+		tick := time.NewTicker(pace)
+		defer tick.Stop()
+		for _, e := range events[3:] {
+			select {
+			case <-tick.C:
+			case <-r.Context().Done():
+				return
+			}
+			writeEvents(w, []string{e})
+		}
 	}
 }
 
@@ -880,25 +893,31 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 }
 
 // BenchmarkLoad runs N concurrent streaming clients, each receiving 200
-// deltas, straight to an in-process fake backend and then through the
-// proxy, and reports the proxy's own share: added time to first delta
-// (p50, p99) and the proxy's delta throughput.
+// deltas, straight to an in-process fake backend and then through the proxy,
+// and reports the proxy's own share: added time to first delta (p50, p99)
+// and the delta throughput. "paced" streams a delta every 10 ms per stream
+// (a fast model); "burst" sends all 200 at once, which measures throughput
+// when the two cores are saturated.
 //
 //	go test -run '^$' -bench Load -benchtime 3x
 func BenchmarkLoad(b *testing.B) {
-	for _, n := range []int{1, 100, 1000} {
-		b.Run(fmt.Sprintf("streams=%d", n), func(b *testing.B) {
-			fb := newFakeBackend(b, loadReply(nil))
-			p := newProxy(b, fb, func(c *config) { c.maxSessions = 1 << 20 })
-			p.log.Reset()
+	for _, bc := range []struct {
+		name string
+		n    int
+		pace time.Duration
+	}{{"paced/streams=100", 100, 10 * time.Millisecond}, {"paced/streams=1000", 1000, 10 * time.Millisecond},
+		{"burst/streams=1", 1, 0}, {"burst/streams=100", 100, 0}} {
+		b.Run(bc.name, func(b *testing.B) {
+			fb := newFakeBackend(b, loadReply(nil, bc.pace))
+			p := newProxy(b, fb)
 			var direct, proxied []time.Duration
 			var deltas, failures int
 			var elapsed time.Duration
 			for i := 0; i < b.N; i++ {
-				d, _, f := loadClient(b, n, true, fb, p, nil)
+				d, _, f := loadClient(b, bc.n, true, fb, p, nil)
 				direct = append(direct, d...)
 				t0 := time.Now()
-				pr, got, f2 := loadClient(b, n, false, fb, p, nil)
+				pr, got, f2 := loadClient(b, bc.n, false, fb, p, nil)
 				elapsed += time.Since(t0)
 				proxied = append(proxied, pr...)
 				deltas += got
@@ -926,8 +945,8 @@ func BenchmarkHeapPerStream(b *testing.B) {
 	const n = 1000
 	heapWhileOpen := func(direct bool) float64 {
 		hold := make(chan struct{})
-		fb := newFakeBackend(b, loadReply(hold))
-		p := newProxy(b, fb, func(c *config) { c.maxSessions = 1 << 20 })
+		fb := newFakeBackend(b, loadReply(hold, 0))
+		p := newProxy(b, fb)
 		var ms runtime.MemStats
 		runtime.GC()
 		runtime.ReadMemStats(&ms)
