@@ -5,10 +5,10 @@ import (
 	"cmp"
 	"encoding/json"
 	"errors"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
-	"unicode/utf16"
 	"unicode/utf8"
 )
 
@@ -60,9 +60,10 @@ type responsesCall struct {
 // can read back with store=false; sessions replay them (codex-backend §4 (b)).
 const encryptedReasoning = "reasoning.encrypted_content"
 
-// chatParams are the Chat Completions parameters parseChat translates; every other top-level
-// member is dropped and reported, so nothing unknown reaches a backend that 400s on
-// "Unsupported parameter" (codex-backend §3.4).
+// object is a JSON object decoded one level deep.
+type object map[string]json.RawMessage
+
+// chatParams are the Chat Completions parameters parseChat translates (n is only checked).
 var chatParams = []string{"model", "messages", "stream", "stream_options", "tools", "tool_choice",
 	"parallel_tool_calls", "response_format", "reasoning_effort", "verbosity"}
 
@@ -70,55 +71,46 @@ var chatParams = []string{"model", "messages", "stream", "stream_options", "tool
 var responsesParams = []string{"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
 	"reasoning", "text", "include", "prompt_cache_key", "client_metadata", "stream", "previous_response_id"}
 
-// object is a JSON object decoded one level deep, so that each member's type can be checked
-// and the members nobody translates can be named.
-type object map[string]json.RawMessage
-
-// decodeBody parses a request body that must be a JSON object.
-func decodeBody(body []byte) (object, error) {
+// decodeBody decodes a request body, which must be a JSON object, into v. It returns the
+// non-null members outside known, sorted: they are not sent upstream, so nothing unknown
+// reaches a backend that 400s on "Unsupported parameter" (codex-backend §3.4), but the client
+// is told. store:false is not listed: it is exactly what upstream gets anyway.
+func decodeBody(body []byte, known []string, v any) ([]string, error) {
 	var o object
-	if err := json.Unmarshal(body, &o); err != nil || o == nil {
+	if json.Unmarshal(body, &o) != nil || o == nil {
 		// OpenAI answers a body it cannot parse with param null; there is no parameter to name.
 		return nil, invalidRequest("", "We could not parse the JSON body of your request: expected a JSON object.")
 	}
-	return o, nil
-}
-
-// field decodes member key of o into v; it reports false for an absent or null member and an
-// invalid-type error naming param (plus the inner field encoding/json found) otherwise.
-func field(o object, key, param, want string, v any) (bool, error) {
-	raw, ok := o[key]
-	if !ok || isNull(raw) {
-		return false, nil
-	}
-	if err := json.Unmarshal(raw, v); err != nil {
-		if te := (*json.UnmarshalTypeError)(nil); errors.As(err, &te) && te.Field != "" {
-			param += "." + te.Field
-			want = te.Type.String()
+	var ignored []string
+	for k, raw := range o {
+		if !slices.Contains(known, k) && !isNull(raw) && (k != "store" || string(raw) != "false") {
+			ignored = append(ignored, k)
 		}
-		return false, invalidRequest(param, "Invalid type for '%s': expected %s.", param, want)
 	}
-	return true, nil
+	slices.Sort(ignored)
+	return ignored, decodeParam(body, "", v)
 }
 
-// fieldSpec names a member, the type it must have (for the message), and its destination.
-type fieldSpec struct {
-	key, want string
-	v         any
-}
+// jsonKinds names the JSON type each Go kind decodes from, for "Invalid type" messages.
+var jsonKinds = map[reflect.Kind]string{reflect.String: "a string", reflect.Bool: "a boolean",
+	reflect.Int: "an integer", reflect.Slice: "an array", reflect.Struct: "an object"}
 
-// decodeFields decodes members with field, stopping at the first error.
-func decodeFields(o object, specs ...fieldSpec) error {
-	for _, f := range specs {
-		if _, err := field(o, f.key, f.key, f.want, f.v); err != nil {
-			return err
-		}
+// decodeParam unmarshals raw into v. A member of the wrong type is a 400 naming it, param plus the
+// path encoding/json reports, the way OpenAI names parameters ("stream_options.include_usage").
+func decodeParam(raw []byte, param string, v any) error {
+	var te *json.UnmarshalTypeError
+	if err := json.Unmarshal(raw, v); errors.As(err, &te) {
+		param = strings.Trim(param+"."+te.Field, ".")
+		return invalidRequest(param, "Invalid type for '%s': expected %s.", param, cmp.Or(jsonKinds[te.Type.Kind()], te.Type.String()))
+	} else if err != nil {
+		return invalidRequest(param, "We could not parse the JSON body of your request.")
 	}
 	return nil
 }
 
-// isNull reports whether raw is the JSON literal null.
-func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
+// isNull reports whether a member decoded into a RawMessage is absent or null (encoding/json
+// hands a RawMessage the value without surrounding space).
+func isNull(raw json.RawMessage) bool { return len(raw) == 0 || string(raw) == "null" }
 
 // marshal encodes v without HTML escaping (the bytes go to APIs, not to browsers).
 func marshal(v any) json.RawMessage {
@@ -130,28 +122,13 @@ func marshal(v any) json.RawMessage {
 	return bytes.TrimSuffix(b.Bytes(), []byte("\n"))
 }
 
-// ignoredParams lists the non-null members of o outside known, sorted. store:false is not
-// listed: it is exactly what upstream gets anyway.
-func ignoredParams(o object, known []string) []string {
-	var out []string
-	for k, v := range o {
-		if slices.Contains(known, k) || isNull(v) || (k == "store" && string(bytes.TrimSpace(v)) == "false") {
-			continue
-		}
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
-}
+// one encodes a single item.
+func one(v any) []json.RawMessage { return []json.RawMessage{marshal(v)} }
 
-// baseRequest fills the members the backend insists on (codex-backend §0, §3.3, §3.4).
-func baseRequest(o object) (upstreamRequest, string, error) {
-	var model string
-	ok, err := field(o, "model", "model", "a string", &model)
-	if err != nil {
-		return upstreamRequest{}, "", err
-	}
-	if !ok || model == "" {
+// baseRequest fills the members the backend insists on (codex-backend §0, §3.3, §3.4) and
+// returns the effort a model-name suffix asks for.
+func baseRequest(model string) (upstreamRequest, string, error) {
+	if model == "" {
 		return upstreamRequest{}, "", invalidRequest("model", "Missing required parameter: 'model'.")
 	}
 	base, effort := splitEffort(model)
@@ -213,6 +190,42 @@ type functionOutputItem struct {
 	Output string `json:"output"`
 }
 
+// functionDef is the function of a chat tool; with a type next to it, it is a Responses tool.
+type functionDef struct {
+	Name        string          `json:"name"`
+	Description string          `json:"description,omitempty"`
+	Parameters  json.RawMessage `json:"parameters"`
+	Strict      bool            `json:"strict"`
+}
+
+// chatRequest holds the Chat Completions parameters parseChat reads (SPEC §4).
+type chatRequest struct {
+	Model         string            `json:"model"`
+	Messages      []json.RawMessage `json:"messages"`
+	N             int               `json:"n"`
+	Stream        bool              `json:"stream"`
+	StreamOptions struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	Tools []struct {
+		Type     string       `json:"type"`
+		Function *functionDef `json:"function"`
+	} `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls bool            `json:"parallel_tool_calls"`
+	ResponseFormat    struct {
+		Type       string `json:"type"`
+		JSONSchema struct {
+			Name        string          `json:"name"`
+			Description string          `json:"description,omitempty"`
+			Schema      json.RawMessage `json:"schema"`
+			Strict      bool            `json:"strict"`
+		} `json:"json_schema"`
+	} `json:"response_format"`
+	ReasoningEffort string `json:"reasoning_effort"`
+	Verbosity       string `json:"verbosity"`
+}
+
 // chatMessage is one member of a Chat Completions messages array.
 type chatMessage struct {
 	Role       string          `json:"role"`
@@ -237,56 +250,61 @@ type chatPart struct {
 
 // parseChat translates a Chat Completions body (SPEC §4; peers' choices in codex-backend §7).
 func parseChat(body []byte) (chatCall, error) {
-	o, err := decodeBody(body)
+	r := chatRequest{N: 1}
+	ignored, err := decodeBody(body, chatParams, &r)
 	if err != nil {
 		return chatCall{}, err
 	}
-	req, effort, err := baseRequest(o)
+	req, effort, err := baseRequest(r.Model)
 	if err != nil {
 		return chatCall{}, err
 	}
-	c := chatCall{ignored: ignoredParams(o, chatParams)}
-	n, re, msgs := 1, "", []json.RawMessage(nil)
-	var so struct {
-		IncludeUsage bool `json:"include_usage"`
+	if r.N != 1 {
+		return chatCall{}, invalidRequest("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", r.N)
 	}
-	// Codex sends parallel_tool_calls false unless the model family supports it (§3.3);
-	// the chat default is the conservative one.
-	req.ParallelToolCalls = new(bool)
-	if err := decodeFields(o, fieldSpec{"n", "an integer", &n}, fieldSpec{"messages", "an array", &msgs},
-		fieldSpec{"stream", "a boolean", &c.stream}, fieldSpec{"stream_options", "an object", &so},
-		fieldSpec{"parallel_tool_calls", "a boolean", req.ParallelToolCalls},
-		fieldSpec{"reasoning_effort", "a string", &re}); err != nil {
-		return chatCall{}, err
-	}
-	if n != 1 {
-		return chatCall{}, invalidRequest("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", n)
-	}
-	if len(msgs) == 0 {
+	if len(r.Messages) == 0 {
 		return chatCall{}, invalidRequest("messages", "Missing required parameter: 'messages'.")
 	}
-	for i, raw := range msgs {
+	for i, raw := range r.Messages {
 		items, err := chatItems(raw, "messages["+strconv.Itoa(i)+"]")
 		if err != nil {
 			return chatCall{}, err
 		}
 		req.Input = append(req.Input, items...)
 	}
-	c.includeUsage = so.IncludeUsage && c.stream
-	if req.Tools, err = chatTools(o); err != nil {
+	// The backend wants flat {type,name,…} tools and 400s on the nested chat shape with
+	// "Missing required parameter: 'tools[0].name'" (§3.3).
+	for i, t := range r.Tools {
+		p := "tools[" + strconv.Itoa(i) + "]"
+		if t.Type != "function" {
+			return chatCall{}, invalidRequest(p+".type", "Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
+		}
+		if t.Function == nil || t.Function.Name == "" {
+			return chatCall{}, invalidRequest(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
+		}
+		if isNull(t.Function.Parameters) {
+			t.Function.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
+		}
+		req.Tools = append(req.Tools, marshal(struct {
+			Type string `json:"type"`
+			*functionDef
+		}{"function", t.Function}))
+	}
+	if req.ToolChoice, err = chatToolChoice(r.ToolChoice); err != nil {
 		return chatCall{}, err
 	}
-	if req.ToolChoice, err = chatToolChoice(o); err != nil {
+	c := chatCall{ignored: ignored, stream: r.Stream, includeUsage: r.StreamOptions.IncludeUsage && r.Stream}
+	if req.Text, c.jsonMode, err = chatText(&r); err != nil {
 		return chatCall{}, err
 	}
-	if req.Text, c.jsonMode, err = chatText(o); err != nil {
-		return chatCall{}, err
-	}
+	// Codex sends parallel_tool_calls false unless the model family supports it (§3.3);
+	// false is also the chat default here, the conservative one.
+	req.ParallelToolCalls = &r.ParallelToolCalls
 	// An explicit reasoning_effort beats the model-name suffix; summary "auto" is what Codex sends.
 	req.Reasoning = marshal(struct {
 		Effort  string `json:"effort,omitempty"`
 		Summary string `json:"summary"`
-	}{cmp.Or(re, effort), "auto"})
+	}{cmp.Or(r.ReasoningEffort, effort), "auto"})
 	c.req = req
 	return c, nil
 }
@@ -294,37 +312,18 @@ func parseChat(body []byte) (chatCall, error) {
 // chatItems turns one chat message into Responses input items.
 func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 	var m chatMessage
-	if _, err := field(object{"m": raw}, "m", param, "an object", &m); err != nil {
+	if err := decodeParam(raw, param, &m); err != nil {
 		return nil, err
 	}
+	// The backend answers role system with "System messages are not allowed" (§3.4);
+	// only user messages take images; assistant text is output_text.
+	role, textType := m.Role, "input_text"
 	switch m.Role {
-	case "system", "developer", "user", "assistant":
-		// The backend answers role system with "System messages are not allowed" (§3.4);
-		// only user messages take images; assistant text is output_text.
-		role, textType := m.Role, "input_text"
-		switch role {
-		case "system":
-			role = "developer"
-		case "assistant":
-			textType = "output_text"
-		}
-		parts, err := chatContent(m.Content, param, textType, role == "user")
-		if err != nil {
-			return nil, err
-		}
-		var items []json.RawMessage
-		if len(parts) > 0 { // an empty message (an assistant turn that only called tools) is left out
-			items = one(messageItem{"message", role, parts})
-		}
-		// Calls follow the message, the order the backend produced them in (§7).
-		for j, tc := range m.ToolCalls {
-			if tc.ID == "" || tc.Function.Name == "" {
-				p := param + ".tool_calls[" + strconv.Itoa(j) + "]"
-				return nil, invalidRequest(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
-			}
-			items = append(items, marshal(functionCallItem{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
-		}
-		return items, nil
+	case "system":
+		role = "developer"
+	case "assistant":
+		textType = "output_text"
+	case "developer", "user":
 	case "tool":
 		if m.ToolCallID == "" {
 			return nil, invalidRequest(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
@@ -337,21 +336,33 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 		return one(functionOutputItem{"function_call_output", m.ToolCallID, out.String()}), err
 	case "":
 		return nil, invalidRequest(param+".role", "Missing required parameter: '%s.role'.", param)
+	default:
+		return nil, invalidRequest(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
 	}
-	return nil, invalidRequest(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
+	parts, err := chatContent(m.Content, param, textType, role == "user")
+	if err != nil {
+		return nil, err
+	}
+	var items []json.RawMessage
+	if len(parts) > 0 { // an empty message (an assistant turn that only called tools) is left out
+		items = one(messageItem{"message", role, parts})
+	}
+	// Calls follow the message, the order the backend produced them in (§7).
+	for j, tc := range m.ToolCalls {
+		if tc.ID == "" || tc.Function.Name == "" {
+			p := param + ".tool_calls[" + strconv.Itoa(j) + "]"
+			return nil, invalidRequest(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
+		}
+		items = append(items, marshal(functionCallItem{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
+	}
+	return items, nil
 }
-
-// one encodes a single item.
-func one(v any) []json.RawMessage { return []json.RawMessage{marshal(v)} }
 
 // chatContent converts message content (a string or an array of parts) to Responses parts of
 // textType; images are allowed only where the backend takes them (user messages).
 func chatContent(raw json.RawMessage, param, textType string, images bool) ([]any, error) {
-	if len(raw) == 0 || isNull(raw) {
-		return nil, nil
-	}
 	var s string
-	if json.Unmarshal(raw, &s) == nil {
+	if isNull(raw) || json.Unmarshal(raw, &s) == nil {
 		if s == "" {
 			return nil, nil
 		}
@@ -385,66 +396,24 @@ func chatContent(raw json.RawMessage, param, textType string, images bool) ([]an
 	return out, nil
 }
 
-// chatTools flattens chat tools: the backend wants {type,name,…} and 400s on the nested
-// chat shape with "Missing required parameter: 'tools[0].name'" (§3.3).
-func chatTools(o object) ([]json.RawMessage, error) {
-	var tools []struct {
-		Type     string `json:"type"`
-		Function *struct {
-			Name        string          `json:"name"`
-			Description string          `json:"description,omitempty"`
-			Parameters  json.RawMessage `json:"parameters"`
-			Strict      bool            `json:"strict"`
-		} `json:"function"`
-	}
-	if _, err := field(o, "tools", "tools", "an array", &tools); err != nil {
-		return nil, err
-	}
-	out := []json.RawMessage{}
-	for i, t := range tools {
-		p := "tools[" + strconv.Itoa(i) + "]"
-		if t.Type != "function" {
-			return nil, invalidRequest(p+".type", "Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
-		}
-		if t.Function == nil || t.Function.Name == "" {
-			return nil, invalidRequest(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
-		}
-		f := *t.Function
-		if len(f.Parameters) == 0 || isNull(f.Parameters) {
-			f.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
-		}
-		out = append(out, marshal(struct {
-			Type string          `json:"type"`
-			Name string          `json:"name"`
-			Desc string          `json:"description,omitempty"`
-			Par  json.RawMessage `json:"parameters"`
-			Str  bool            `json:"strict"`
-		}{"function", f.Name, f.Description, f.Parameters, f.Strict}))
-	}
-	return out, nil
-}
-
 // chatToolChoice maps tool_choice: strings pass, {type:function,function:{name}} is flattened
 // like the tools themselves, other objects pass unchanged; Codex's default is "auto".
-func chatToolChoice(o object) (json.RawMessage, error) {
-	raw, ok := o["tool_choice"]
-	if !ok || isNull(raw) {
-		return json.RawMessage(`"auto"`), nil
-	}
-	var s string
-	if json.Unmarshal(raw, &s) == nil {
-		return marshal(s), nil
-	}
+func chatToolChoice(raw json.RawMessage) (json.RawMessage, error) {
 	var tc struct {
 		Type     string `json:"type"`
 		Function struct {
 			Name string `json:"name"`
 		} `json:"function"`
 	}
-	if err := json.Unmarshal(raw, &tc); err != nil {
+	var s string
+	switch {
+	case isNull(raw):
+		return json.RawMessage(`"auto"`), nil
+	case json.Unmarshal(raw, &s) == nil:
+		return marshal(s), nil
+	case json.Unmarshal(raw, &tc) != nil:
 		return nil, invalidRequest("tool_choice", "Invalid type for 'tool_choice': expected a string or an object.")
-	}
-	if tc.Type == "function" && tc.Function.Name != "" {
+	case tc.Type == "function" && tc.Function.Name != "":
 		return marshal(struct {
 			Type string `json:"type"`
 			Name string `json:"name"`
@@ -454,32 +423,16 @@ func chatToolChoice(o object) (json.RawMessage, error) {
 }
 
 // chatText maps response_format to text.format and verbosity to text.verbosity (§3.3).
-func chatText(o object) (json.RawMessage, bool, error) {
-	var rf struct {
-		Type       string `json:"type"`
-		JSONSchema struct {
-			Name        string          `json:"name"`
-			Description string          `json:"description,omitempty"`
-			Schema      json.RawMessage `json:"schema"`
-			Strict      bool            `json:"strict"`
-		} `json:"json_schema"`
-	}
-	var text struct {
+func chatText(r *chatRequest) (json.RawMessage, bool, error) {
+	text := struct {
 		Format    any    `json:"format,omitempty"`
 		Verbosity string `json:"verbosity,omitempty"`
-	}
-	if _, err := field(o, "response_format", "response_format", "an object", &rf); err != nil {
-		return nil, false, err
-	}
-	if _, err := field(o, "verbosity", "verbosity", "a string", &text.Verbosity); err != nil {
-		return nil, false, err
-	}
-	switch rf.Type {
+	}{Verbosity: r.Verbosity}
+	switch js := r.ResponseFormat.JSONSchema; r.ResponseFormat.Type {
 	case "", "text":
 	case "json_object":
 		text.Format = map[string]string{"type": "json_object"}
 	case "json_schema":
-		js := rf.JSONSchema
 		if len(js.Schema) == 0 {
 			return nil, false, invalidRequest("response_format.json_schema.schema", "Missing required parameter: 'response_format.json_schema.schema'.")
 		}
@@ -491,7 +444,7 @@ func chatText(o object) (json.RawMessage, bool, error) {
 			Sch  json.RawMessage `json:"schema"`
 		}{"json_schema", cmp.Or(js.Name, "response"), js.Description, js.Strict, js.Schema}
 	default:
-		return nil, false, invalidRequest("response_format.type", "Invalid value for 'response_format.type': %q is not supported.", rf.Type)
+		return nil, false, invalidRequest("response_format.type", "Invalid value for 'response_format.type': %q is not supported.", r.ResponseFormat.Type)
 	}
 	if text.Format == nil && text.Verbosity == "" {
 		return nil, false, nil
@@ -499,77 +452,87 @@ func chatText(o object) (json.RawMessage, bool, error) {
 	return marshal(text), text.Format != nil, nil
 }
 
+// responsesRequest holds the Responses parameters parseResponses keeps or consumes (SPEC §5.1).
+type responsesRequest struct {
+	Model              string            `json:"model"`
+	Input              json.RawMessage   `json:"input"`
+	Instructions       *string           `json:"instructions"`
+	Tools              []json.RawMessage `json:"tools"`
+	ToolChoice         json.RawMessage   `json:"tool_choice"`
+	ParallelToolCalls  *bool             `json:"parallel_tool_calls"`
+	Reasoning          json.RawMessage   `json:"reasoning"`
+	Text               json.RawMessage   `json:"text"`
+	Include            []string          `json:"include"`
+	PromptCacheKey     string            `json:"prompt_cache_key"`
+	ClientMetadata     json.RawMessage   `json:"client_metadata"`
+	Stream             bool              `json:"stream"`
+	PreviousResponseID string            `json:"previous_response_id"`
+}
+
 // parseResponses normalizes a native Responses body (SPEC §5.1): members the backend takes
 // pass through, stream/store are forced, input items lose their ids and system roles.
 func parseResponses(body []byte) (responsesCall, error) {
-	o, err := decodeBody(body)
+	var r responsesRequest
+	ignored, err := decodeBody(body, responsesParams, &r)
 	if err != nil {
 		return responsesCall{}, err
 	}
-	req, effort, err := baseRequest(o)
+	req, effort, err := baseRequest(r.Model)
 	if err != nil {
 		return responsesCall{}, err
 	}
-	c := responsesCall{ignored: ignoredParams(o, responsesParams)}
-	if req.Input, c.ignored, err = responsesInput(o, c.ignored); err != nil {
-		return responsesCall{}, err
-	}
-	var tools []json.RawMessage
-	if err := decodeFields(o, fieldSpec{"instructions", "a string", &req.Instructions},
-		fieldSpec{"tools", "an array", &tools}, fieldSpec{"parallel_tool_calls", "a boolean", &req.ParallelToolCalls},
-		fieldSpec{"include", "an array of strings", &req.Include}, fieldSpec{"prompt_cache_key", "a string", &req.PromptCacheKey},
-		fieldSpec{"stream", "a boolean", &c.stream}, fieldSpec{"previous_response_id", "a string", &c.previousResponseID}); err != nil {
+	c := responsesCall{stream: r.Stream, previousResponseID: r.PreviousResponseID}
+	if req.Input, c.ignored, err = responsesInput(r.Input, ignored); err != nil {
 		return responsesCall{}, err
 	}
 	// Tools of every type (function, custom, local_shell, web_search…) are the client's
 	// business and pass unchanged.
-	req.Tools = append(req.Tools, tools...)
-	if !slices.Contains(req.Include, encryptedReasoning) {
+	req.Tools = append(req.Tools, r.Tools...)
+	req.Instructions, req.ParallelToolCalls, req.PromptCacheKey = r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
+	if req.Include = r.Include; !slices.Contains(req.Include, encryptedReasoning) {
 		req.Include = append(req.Include, encryptedReasoning)
 	}
 	req.ToolChoice = json.RawMessage(`"auto"`)
-	for key, dst := range map[string]*json.RawMessage{"tool_choice": &req.ToolChoice, "reasoning": &req.Reasoning,
-		"text": &req.Text, "client_metadata": &req.ClientMetadata} {
-		var probe any
-		if ok, err := field(o, key, key, "an object", &probe); err != nil {
-			return responsesCall{}, err
-		} else if ok {
-			if _, isObj := probe.(map[string]any); !isObj && (key != "tool_choice" || !isString(probe)) {
-				return responsesCall{}, invalidRequest(key, "Invalid type for '%s': expected an object.", key)
-			}
-			*dst = o[key]
+	for _, m := range []struct {
+		key string
+		raw json.RawMessage
+		dst *json.RawMessage
+	}{{"tool_choice", r.ToolChoice, &req.ToolChoice}, {"reasoning", r.Reasoning, &req.Reasoning},
+		{"text", r.Text, &req.Text}, {"client_metadata", r.ClientMetadata, &req.ClientMetadata}} {
+		if isNull(m.raw) {
+			continue
 		}
+		if m.raw[0] != '{' && (m.key != "tool_choice" || m.raw[0] != '"') {
+			return responsesCall{}, invalidRequest(m.key, "Invalid type for '%s': expected an object.", m.key)
+		}
+		*m.dst = m.raw
 	}
 	if effort != "" {
-		r := object{}
-		_ = json.Unmarshal(req.Reasoning, &r) // checked above; absent leaves r empty
-		if e, ok := r["effort"]; !ok || isNull(e) {
-			r["effort"] = marshal(effort)
+		o := object{}
+		_ = json.Unmarshal(req.Reasoning, &o) // checked above; absent leaves o empty
+		if isNull(o["effort"]) {
+			o["effort"] = marshal(effort)
 		}
-		req.Reasoning = marshal(r)
+		req.Reasoning = marshal(o)
 	}
 	c.req = req
 	return c, nil
 }
 
-// isString reports whether v (decoded into any) is a string.
-func isString(v any) bool { _, ok := v.(string); return ok }
-
 // responsesInput turns input (a string or items) into normalized items. item_reference items
 // point at stored items, and nothing is stored with store=false (§3.4), so they are dropped
 // and reported.
-func responsesInput(o object, ignored []string) ([]json.RawMessage, []string, error) {
-	raw := o["input"]
+func responsesInput(raw json.RawMessage, ignored []string) ([]json.RawMessage, []string, error) {
 	var s string
-	if json.Unmarshal(raw, &s) == nil {
-		if s == "" {
-			return nil, nil, invalidRequest("input", "Missing required parameter: 'input'.")
-		}
-		return one(messageItem{"message", "user", []any{textPart{"input_text", s}}}), ignored, nil
-	}
 	var items []json.RawMessage
-	if _, err := field(o, "input", "input", "a string or an array", &items); err != nil {
-		return nil, nil, err
+	switch {
+	case isNull(raw):
+	case json.Unmarshal(raw, &s) == nil:
+		if s != "" {
+			return one(messageItem{"message", "user", []any{textPart{"input_text", s}}}), ignored, nil
+		}
+	case json.Unmarshal(raw, &items) != nil:
+		return nil, nil, invalidRequest("input", "Invalid type for 'input': expected a string or an array.")
 	}
 	if len(items) == 0 {
 		return nil, nil, invalidRequest("input", "Missing required parameter: 'input'.")
@@ -646,18 +609,19 @@ type backendError struct {
 type backendResponse struct {
 	Status            string            `json:"status"`
 	Output            []json.RawMessage `json:"output"`
-	IncompleteDetails *struct {
+	IncompleteDetails struct {
 		Reason string `json:"reason"`
 	} `json:"incomplete_details"`
 	Error *backendError `json:"error"`
-	Usage *struct {
+	// The usage details may be null (the Codex fixtures have them so): null leaves them zero.
+	Usage struct {
 		InputTokens        int `json:"input_tokens"`
 		OutputTokens       int `json:"output_tokens"`
 		TotalTokens        int `json:"total_tokens"`
-		InputTokensDetails *struct {
+		InputTokensDetails struct {
 			CachedTokens int `json:"cached_tokens"`
 		} `json:"input_tokens_details"`
-		OutputTokensDetails *struct {
+		OutputTokensDetails struct {
 			ReasoningTokens int `json:"reasoning_tokens"`
 		} `json:"output_tokens_details"`
 	} `json:"usage"`
@@ -819,38 +783,28 @@ type chatUsage struct {
 	} `json:"completion_tokens_details"`
 }
 
-// usage converts backend usage; its details may be null (the Codex fixtures have them so).
+// usage converts backend usage to chat usage.
 func (r *backendResponse) usage() chatUsage {
-	var u chatUsage
-	if r.Usage == nil {
-		return u
-	}
-	u.PromptTokens, u.CompletionTokens = r.Usage.InputTokens, r.Usage.OutputTokens
-	u.TotalTokens = cmp.Or(r.Usage.TotalTokens, u.PromptTokens+u.CompletionTokens)
-	if d := r.Usage.InputTokensDetails; d != nil {
-		u.PromptTokensDetails.CachedTokens = d.CachedTokens
-	}
-	if d := r.Usage.OutputTokensDetails; d != nil {
-		u.CompletionTokensDetails.ReasoningTokens = d.ReasoningTokens
-	}
+	in := r.Usage
+	u := chatUsage{PromptTokens: in.InputTokens, CompletionTokens: in.OutputTokens,
+		TotalTokens: cmp.Or(in.TotalTokens, in.InputTokens+in.OutputTokens)}
+	u.PromptTokensDetails.CachedTokens = in.InputTokensDetails.CachedTokens
+	u.CompletionTokensDetails.ReasoningTokens = in.OutputTokensDetails.ReasoningTokens
 	return u
 }
 
 // finishReason maps how the turn ended to the chat finish_reason.
 func (r *backendResponse) finishReason(toolCalls bool) string {
-	switch {
+	switch reason := r.IncompleteDetails.Reason; {
 	case toolCalls:
 		return "tool_calls"
-	case r.IncompleteDetails != nil && r.IncompleteDetails.Reason == "max_output_tokens":
+	case reason == "max_output_tokens":
 		return "length"
-	case r.IncompleteDetails != nil && r.IncompleteDetails.Reason == "content_filter":
-		return "content_filter"
+	case reason == "content_filter":
+		return reason
 	}
 	return "stop"
 }
-
-// tagged wraps reasoning in the tags the guide shows in front of the answer (--reasoning tags).
-func tagged(reasoning string) string { return "<reasoning>" + reasoning + "</reasoning>\n\n" }
 
 // chatCompletion builds the non-streaming chat.completion from a finished turn.
 func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode, jsonMode bool) []byte {
@@ -879,7 +833,7 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 		msg.ToolCalls = append(msg.ToolCalls, tc)
 	}
 	if mode == reasoningTags && !jsonMode && len(calls) == 0 && reasoning != "" && text != "" {
-		text = tagged(reasoning) + text
+		text = "<reasoning>" + reasoning + "</reasoning>\n\n" + text // the guide's tags (--reasoning tags)
 	}
 	if text != "" || len(calls) == 0 {
 		msg.Content = &text
@@ -924,6 +878,7 @@ type chatStream struct {
 	tags         []byte // reasoning held back for the tags, until the turn shows text or a call
 	tagsDone     bool
 	buf, scratch []byte // reused: emit must not retain chunks
+	unquoted     string // an escaped delta, decoded into a field so that its address costs nothing
 }
 
 // newChatStream starts a chat stream; id, created and model appear in every chunk.
@@ -942,26 +897,21 @@ func (s *chatStream) event(typ string, data []byte, emit func(chunk []byte) erro
 	if s.done {
 		return nil
 	}
-	switch typ {
-	case "response.output_text.delta":
-		id, delta, _, ok := s.fastDelta(data)
-		if !ok {
-			return nil
-		}
-		return s.text(id, delta, emit)
-	case "response.reasoning_summary_text.delta", "response.reasoning_text.delta":
+	if strings.HasSuffix(typ, ".delta") {
 		id, delta, idx, ok := s.fastDelta(data)
-		if !ok {
-			return nil
-		}
-		s.markStreamed(id)
-		return s.reasoning(id, typ[19], idx, delta, emit) // typ[19]: 's'ummary or 't'ext
-	case "response.function_call_arguments.delta":
-		id, delta, _, ok := s.fastDelta(data)
-		for i := range s.calls {
-			if ok && s.calls[i].itemID == string(id) {
-				s.calls[i].argsSent = true
-				return s.toolCall(i, nil, delta, emit)
+		switch {
+		case !ok:
+		case typ == "response.output_text.delta":
+			return s.text(id, delta, emit)
+		case typ == "response.reasoning_summary_text.delta" || typ == "response.reasoning_text.delta":
+			s.markStreamed(id)
+			return s.reasoning(id, typ[19], idx, delta, emit) // typ[19]: 's'ummary or 't'ext
+		case typ == "response.function_call_arguments.delta":
+			for i := range s.calls {
+				if s.calls[i].itemID == string(id) {
+					s.calls[i].argsSent = true
+					return s.toolCall(i, nil, delta, emit)
+				}
 			}
 		}
 		return nil
@@ -999,17 +949,17 @@ func (s *chatStream) event(typ string, data []byte, emit func(chunk []byte) erro
 	return nil
 }
 
-// fastDelta reads item_id, the decoded delta and the part index of a delta event. It scans
-// the known shape without allocating and falls back to encoding/json for anything else.
+// fastDelta reads item_id, the decoded delta and the part index of a delta event. Deltas are
+// most of a stream, so the flat shape the backend sends is scanned in place; escapes in the
+// delta cost one encoding/json string decode, and any other shape goes to encoding/json whole.
 func (s *chatStream) fastDelta(data []byte) (id, delta []byte, idx int, ok bool) {
-	id, raw, idx, escaped, ok := scanDelta(data)
-	if ok && !escaped {
-		return id, raw, idx, true
+	id, raw, idx, ok := scanDelta(data)
+	if ok && bytes.IndexByte(raw, '\\') < 0 {
+		return id, raw[1 : len(raw)-1], idx, true
 	}
-	if ok {
-		if s.scratch, ok = unescape(s.scratch[:0], raw); ok {
-			return id, s.scratch, idx, true
-		}
+	if ok && json.Unmarshal(raw, &s.unquoted) == nil {
+		s.scratch = append(s.scratch[:0], s.unquoted...)
+		return id, s.scratch, idx, true
 	}
 	var ev backendEvent
 	if json.Unmarshal(data, &ev) != nil {
@@ -1020,12 +970,9 @@ func (s *chatStream) fastDelta(data []byte) (id, delta []byte, idx int, ok bool)
 
 // markStreamed remembers that item id's text came as deltas.
 func (s *chatStream) markStreamed(id []byte) {
-	for _, v := range s.streamed {
-		if v == string(id) {
-			return
-		}
+	if !slices.Contains(s.streamed, string(id)) {
+		s.streamed = append(s.streamed, string(id))
 	}
-	s.streamed = append(s.streamed, string(id))
 }
 
 // open starts a chunk in s.buf, first sending the role chunk if it has not gone out yet. The
@@ -1170,57 +1117,59 @@ func (s *chatStream) finish(r *backendResponse, emit func([]byte) error) error {
 	return emit(append(s.buf, '}'))
 }
 
-// scanDelta reads the top-level item_id, delta (raw, still escaped) and summary_index or
-// content_index of a delta event without allocating. ok is false for any shape it does not
-// expect (escaped keys, non-string values, bad syntax): the caller then uses encoding/json.
-func scanDelta(data []byte) (id, delta []byte, idx int, escaped, ok bool) {
-	i := skipSpace(data, 0)
-	if i >= len(data) || data[i] != '{' {
-		return
+// scanDelta finds the top-level item_id, delta (raw: quoted, still escaped) and summary_index
+// or content_index of a delta event without allocating. It knows only the flat shape the
+// backend sends; ok is false for anything else (escaped keys, values of other types, bad
+// syntax), and the caller then asks encoding/json.
+func scanDelta(data []byte) (id, delta []byte, idx int, ok bool) {
+	depth := 0
+	for i := 0; i < len(data); i++ {
+		switch data[i] {
+		case '{', '[':
+			depth++
+		case '}', ']':
+			if depth--; depth == 0 {
+				return id, delta, idx, delta != nil && skipSpace(data, i+1) == len(data)
+			}
+		case '"':
+			end := stringEnd(data, i)
+			if end < 0 {
+				return
+			}
+			key, colon := data[i+1:end-1], skipSpace(data, end)
+			if depth != 1 || colon == len(data) || data[colon] != ':' {
+				i = end - 1 // a value, or a string nested deeper
+				continue
+			}
+			if bytes.IndexByte(key, '\\') >= 0 {
+				return
+			}
+			v := skipSpace(data, colon+1)
+			switch string(key) {
+			case "item_id", "delta":
+				if end = stringEnd(data, v); end < 0 || key[0] == 'i' && bytes.IndexByte(data[v:end], '\\') >= 0 {
+					return
+				}
+				if key[0] == 'i' {
+					id = data[v+1 : end-1]
+				} else {
+					delta = data[v:end]
+				}
+			case "summary_index", "content_index":
+				for end = v; end < len(data) && strings.IndexByte(",}] \t\r\n", data[end]) < 0; end++ {
+				}
+				n, err := strconv.Atoi(string(data[v:end]))
+				if err != nil {
+					return
+				}
+				idx = n
+			default:
+				end = v // the loop skips the value
+			}
+			i = end - 1
+		}
 	}
-	for i = skipSpace(data, i+1); i < len(data) && data[i] != '}'; {
-		key, kesc, j := scanString(data, i)
-		if j < 0 || kesc {
-			return
-		}
-		if i = skipSpace(data, j); i >= len(data) || data[i] != ':' {
-			return
-		}
-		i = skipSpace(data, i+1)
-		switch string(key) {
-		case "item_id", "delta":
-			val, esc, j := scanString(data, i)
-			if j < 0 || (esc && key[0] == 'i') {
-				return
-			}
-			if key[0] == 'i' {
-				id = val
-			} else {
-				delta, escaped = val, esc
-			}
-			i = j
-		case "summary_index", "content_index":
-			j := i
-			for j < len(data) && data[j] >= '0' && data[j] <= '9' {
-				j++
-			}
-			n, err := strconv.Atoi(string(data[i:j]))
-			if err != nil {
-				return
-			}
-			idx, i = n, j
-		default:
-			if i = skipValue(data, i); i < 0 {
-				return
-			}
-		}
-		if i = skipSpace(data, i); i < len(data) && data[i] == ',' {
-			i = skipSpace(data, i+1)
-		} else if i >= len(data) || data[i] != '}' {
-			return
-		}
-	}
-	return id, delta, idx, escaped, i < len(data) && delta != nil
+	return
 }
 
 // skipSpace returns the index of the first non-space byte at or after i.
@@ -1231,110 +1180,20 @@ func skipSpace(data []byte, i int) int {
 	return i
 }
 
-// scanString reads the JSON string at data[i]; it returns its raw contents, whether they
-// hold escapes, and the index after the closing quote (-1 if there is no string).
-func scanString(data []byte, i int) (raw []byte, escaped bool, end int) {
+// stringEnd returns the index after the JSON string that starts at data[i], or -1.
+func stringEnd(data []byte, i int) int {
 	if i >= len(data) || data[i] != '"' {
-		return nil, false, -1
+		return -1
 	}
-	for j := i + 1; j < len(data); j++ {
-		switch data[j] {
+	for i++; i < len(data); i++ {
+		switch data[i] {
 		case '\\':
-			escaped = true
-			j++
+			i++
 		case '"':
-			return data[i+1 : j], escaped, j + 1
+			return i + 1
 		}
 	}
-	return nil, false, -1
-}
-
-// skipValue returns the index after the JSON value at data[i], or -1.
-func skipValue(data []byte, i int) int {
-	if i >= len(data) {
-		return -1
-	}
-	switch data[i] {
-	case '"':
-		_, _, end := scanString(data, i)
-		return end
-	case '{', '[':
-		depth := 0
-		for j := i; j < len(data); j++ {
-			switch data[j] {
-			case '"':
-				_, _, end := scanString(data, j)
-				if end < 0 {
-					return -1
-				}
-				j = end - 1
-			case '{', '[':
-				depth++
-			case '}', ']':
-				if depth--; depth == 0 {
-					return j + 1
-				}
-			}
-		}
-		return -1
-	}
-	j := i
-	for j < len(data) && strings.IndexByte(",}] \t\r\n", data[j]) < 0 {
-		j++
-	}
-	if j == i {
-		return -1
-	}
-	return j
-}
-
-// unescape appends the decoded contents of a raw JSON string to dst, as encoding/json would
-// decode them (lone surrogates become U+FFFD); ok is false for a bad escape.
-func unescape(dst, raw []byte) ([]byte, bool) {
-	for i := 0; i < len(raw); i++ {
-		c := raw[i]
-		if c != '\\' {
-			dst = append(dst, c)
-			continue
-		}
-		if i++; i >= len(raw) {
-			return dst, false
-		}
-		switch k := strings.IndexByte(`"\/bfnrt`, raw[i]); {
-		case k >= 0:
-			dst = append(dst, "\"\\/\b\f\n\r\t"[k])
-		case raw[i] == 'u':
-			r, ok := hex4(raw, i+1)
-			if !ok {
-				return dst, false
-			}
-			i += 4
-			if utf16.IsSurrogate(r) {
-				r2, ok := rune(0), false
-				if i+2 < len(raw) && raw[i+1] == '\\' && raw[i+2] == 'u' {
-					r2, ok = hex4(raw, i+3)
-				}
-				if d := utf16.DecodeRune(r, r2); ok && d != utf8.RuneError {
-					r, i = d, i+6
-				} else {
-					r = utf8.RuneError
-				}
-			}
-			dst = utf8.AppendRune(dst, r)
-		default:
-			return dst, false
-		}
-	}
-	return dst, true
-}
-
-// hex4 decodes the four hex digits at raw[i:].
-func hex4(raw []byte, i int) (rune, bool) {
-	if i+4 > len(raw) {
-		return 0, false
-	}
-	n, err := strconv.ParseUint(string(raw[i:i+4]), 16, 16)
-	return rune(n), err == nil
+	return -1
 }
 
 // appendString appends s as a JSON string.
