@@ -191,8 +191,10 @@ func writeCodexAuth(t testing.TB, dir string) {
 // proxy is a ccproxy handler wired to a fake backend, with its log.
 type proxy struct {
 	*httptest.Server
-	log *bytes.Buffer
-	cfg config
+	log      *bytes.Buffer
+	cfg      config
+	up       *upstream
+	sessions *sessionStore
 }
 
 // newProxy serves ccproxy in front of fb with a fresh state directory.
@@ -217,7 +219,7 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	up.backoff = time.Millisecond
 	srv := httptest.NewServer(newServer(logger, cfg, auth, sessions, up, newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now), ""))
 	t.Cleanup(srv.Close)
-	return &proxy{Server: srv, log: &log, cfg: cfg}
+	return &proxy{Server: srv, log: &log, cfg: cfg, up: up, sessions: sessions}
 }
 
 // syncWriter serializes writes to a shared log buffer.
@@ -1096,4 +1098,74 @@ func TestStalledUpstream(t *testing.T) {
 		fb.Close()
 	}()
 	settleGoroutines(t, base)
+}
+
+// TestClientLeavesAtEveryStage: a client that goes away stops the work for
+// it at once, whatever the proxy was doing, and leaves no goroutine behind
+// and no half-written session.
+func TestClientLeavesAtEveryStage(t *testing.T) {
+	tests := []struct {
+		name  string
+		reply func(reached chan<- struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any)
+		ready func(resp *http.Response) // runs once the stage is reached, before the client leaves
+	}{
+		{"waiting for the backend's headers", func(reached chan<- struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+			return func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				close(reached)
+				<-r.Context().Done()
+			}
+		}, nil},
+		{"in the retry backoff", func(reached chan<- struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+			var once sync.Once
+			return func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				w.WriteHeader(503)
+				once.Do(func() { close(reached) })
+			}
+		}, nil},
+		{"mid-stream", func(reached chan<- struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+			return func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				writeEvents(w, textReply("resp_1", "Hel")[:3])
+				close(reached)
+				<-r.Context().Done()
+			}
+		}, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			base := runtime.NumGoroutine()
+			func() {
+				reached := make(chan struct{})
+				fb := newFakeBackend(t, tc.reply(reached))
+				p := newProxy(t, fb)
+				p.up.backoff = time.Hour // a retry wait only the client's leaving can end
+				client := &http.Client{Transport: &http.Transport{}}
+				ctx, cancel := context.WithCancel(context.Background())
+				done := make(chan error, 1)
+				go func() {
+					req, _ := http.NewRequestWithContext(ctx, "POST", p.URL+"/codex/s1/responses",
+						strings.NewReader(`{"model":"gpt-5.5","stream":true,"input":"hi"}`))
+					resp, err := client.Do(req)
+					if err == nil {
+						_, err = io.ReadAll(resp.Body)
+						resp.Body.Close()
+					}
+					done <- err
+				}()
+				<-reached
+				cancel()
+				if err := <-done; err == nil {
+					t.Error("the request completed; want it canceled")
+				}
+				client.CloseIdleConnections()
+				fb.Client().CloseIdleConnections()
+				p.Close() // waits for the handler to return
+				fb.Close()
+				// The turn never committed: the new session does not exist.
+				if _, _, err := p.sessions.get("s1"); toAPIError(err) == nil || toAPIError(err).status != 404 {
+					t.Errorf("session after a canceled turn: %v; want 404", err)
+				}
+			}()
+			settleGoroutines(t, base)
+		})
+	}
 }

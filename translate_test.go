@@ -535,3 +535,92 @@ func BenchmarkChatDelta(b *testing.B) {
 		}
 	}
 }
+
+// goldenSeeds adds the golden inputs of one kind to a fuzz corpus.
+func goldenSeeds(f *testing.F, kind string, add func(gc goldenCase)) {
+	paths, _ := filepath.Glob(filepath.Join("testdata", "translate", "*.input.json"))
+	for _, p := range paths {
+		var gc goldenCase
+		b, err := os.ReadFile(p)
+		if err == nil && json.Unmarshal(b, &gc) == nil && gc.Kind == kind {
+			add(gc)
+		}
+	}
+}
+
+// FuzzParseRequests: whatever a client sends, a request the translator
+// accepts must pass the backend's own rules (codex-backend.md §3.4, as the
+// fake backend of handlers_test.go enforces them), and a refusal is a 400.
+func FuzzParseRequests(f *testing.F) {
+	goldenSeeds(f, "chat", func(gc goldenCase) { f.Add(true, []byte(gc.Request)) })
+	goldenSeeds(f, "responses", func(gc goldenCase) { f.Add(false, []byte(gc.Request)) })
+	f.Fuzz(func(t *testing.T, chat bool, body []byte) {
+		var req upstreamRequest
+		var err error
+		if chat {
+			var c chatCall
+			c, err = parseChat(body)
+			req = c.req
+		} else {
+			var c responsesCall
+			c, err = parseResponses(body)
+			req = c.req
+		}
+		if err != nil {
+			if ae, ok := err.(*apiError); !ok || ae.status != 400 {
+				t.Fatalf("refusal %v is not a 400 *apiError", err)
+			}
+			return
+		}
+		req.Model = "gpt-5.5" // any model name is the backend's business
+		b, err := json.Marshal(req)
+		if err != nil {
+			t.Fatalf("translated request does not encode: %v", err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatalf("translated request is not JSON: %v", err)
+		}
+		if msg := backendRejects(m); msg != "" {
+			t.Fatalf("the backend would refuse the translation of\n%s\nwith %s\n(sent %s)", body, msg, b)
+		}
+	})
+}
+
+// FuzzBackendEvents: whatever the backend streams, the chat chunks, the
+// chat completion and the Responses object are valid JSON and nothing panics.
+func FuzzBackendEvents(f *testing.F) {
+	goldenSeeds(f, "events", func(gc goldenCase) {
+		var b []byte
+		for _, ev := range gc.Events {
+			b = append(append(b, ev...), '\n')
+		}
+		f.Add(b, gc.Mode == reasoningTags, gc.JSONMode)
+	})
+	f.Fuzz(func(t *testing.T, stream []byte, tags, jsonMode bool) {
+		mode := reasoningField
+		if tags {
+			mode = reasoningTags
+		}
+		cs := newChatStream(testID, testCreated, testModel, mode, jsonMode, true)
+		var tr turn
+		for _, data := range bytes.Split(stream, []byte("\n")) {
+			typ := eventType(nil, data)
+			tr.observe(typ, data)
+			cs.event(typ, data, func(chunk []byte) error {
+				if !json.Valid(chunk) {
+					t.Fatalf("chunk is not JSON: %s", chunk)
+				}
+				return nil
+			})
+		}
+		if out := chatCompletion(&tr, testID, testCreated, testModel, mode, jsonMode); !json.Valid(out) {
+			t.Fatalf("chat completion is not JSON: %s", out)
+		}
+		if tr.completed {
+			if out := tr.responseObject(); !json.Valid(out) {
+				t.Fatalf("response object is not JSON: %s", out)
+			}
+		}
+	})
+}
