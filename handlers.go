@@ -354,7 +354,11 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 				ID string `json:"id"`
 			}
 			json.Unmarshal(t.response, &rs)
-			return sess.commit(sent, t.output, rs.ID)
+			if err := sess.commit(sent, t.output, rs.ID); err != nil {
+				return &apiError{status: 500, typ: "api_error", code: "session_not_saved",
+					message: fmt.Sprintf("the answer could not be saved to session %q, which still holds the previous turns (%v); check the disk space and permissions of the sessions directory", sid, err)}
+			}
+			return nil
 		}
 		if !c.stream {
 			err := pump(resp, &t, func(string, []byte) error { return nil }, func() error { return nil })

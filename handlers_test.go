@@ -1169,3 +1169,45 @@ func TestClientLeavesAtEveryStage(t *testing.T) {
 		})
 	}
 }
+
+// TestSessionDiskFailure: when the sessions directory cannot be written, the
+// client hears of it, and the session keeps its earlier turns on disk and in
+// memory.
+func TestSessionDiskFailure(t *testing.T) {
+	for _, stream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stream=%v", stream), func(t *testing.T) {
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				writeEvents(w, textReply("resp_x", "ok"))
+			})
+			p := newProxy(t, fb)
+			body := fmt.Sprintf(`{"model":"gpt-5.5","stream":%v,"input":"hi"}`, stream)
+			if resp, b := p.post(t, "/codex/disk/responses", body); resp.StatusCode != 200 {
+				t.Fatalf("first turn: %d %s", resp.StatusCode, b)
+			}
+			dir := filepath.Join(p.cfg.home, "sessions")
+			before, err := os.ReadFile(filepath.Join(dir, "disk.json"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Root ignores permissions, so break the directory itself.
+			os.Rename(dir, dir+".bak")
+			os.WriteFile(dir, nil, 0o600)
+			resp, b := p.post(t, "/codex/disk/responses", body)
+			os.Remove(dir)
+			os.Rename(dir+".bak", dir)
+			if !strings.Contains(b, "session_not_saved") || !strings.Contains(b, "still holds the previous turns") {
+				t.Errorf("turn on a broken disk: %d %s; want a session_not_saved error", resp.StatusCode, b)
+			}
+			if stream && strings.Contains(b, "event: response.completed") {
+				t.Errorf("a turn that was not saved ended with response.completed:\n%s", b)
+			}
+			after, _ := os.ReadFile(filepath.Join(dir, "disk.json"))
+			if !bytes.Equal(before, after) {
+				t.Errorf("session file changed:\n%s\nwant\n%s", after, before)
+			}
+			if _, b := p.get(t, "/codex/sessions/disk"); len(jsonPath(decode(t, b), "transcript").([]any)) != 2 {
+				t.Errorf("in-memory transcript after the failed save: %s; want the first turn's 2 items", b)
+			}
+		})
+	}
+}
