@@ -402,11 +402,14 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 			err = commit()
 		}
 		if err != nil {
-			if e := toAPIError(err); e != nil {
+			// A native client already has the backend's response.failed,
+			// which the Codex CLI maps to specific errors; everything else
+			// ends with an error event of ours.
+			if e := toAPIError(err); e != nil && (c.chat || t.err == nil) {
 				ri.logger.Warn("stream failed", "err", err)
 				sw.event(errorEvent(e, c.chat)) // a no-op when the client is gone
-				sw.flush()
 			}
+			sw.flush()
 			return
 		}
 		if c.chat {
@@ -504,11 +507,11 @@ func pump(resp *http.Response, t *turn, onEvent func(typ string, data []byte) er
 		}
 		typ := eventType(name, data)
 		t.observe(typ, data)
-		if t.err != nil {
-			return t.err
-		}
 		if err := onEvent(typ, data); err != nil {
 			return err
+		}
+		if t.err != nil {
+			return t.err
 		}
 		if t.completed {
 			return nil // nothing follows a terminal event; don't wait for EOF
