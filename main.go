@@ -240,6 +240,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 type configFile struct {
 	values       map[string]string
 	codexEnabled bool
+	codexSet     bool // codex_enabled appears in the file
 }
 
 // readConfigFile reads config.json; a missing file is the empty config.
@@ -263,7 +264,7 @@ func readConfigFile(home string) (configFile, error) {
 			if !ok {
 				return cf, fmt.Errorf("config %s: codex_enabled must be true or false", path)
 			}
-			cf.codexEnabled = enabled
+			cf.codexEnabled, cf.codexSet = enabled, true
 			continue
 		}
 		if !slices.ContainsFunc(settings, func(s struct{ flag, env, def string }) bool { return s.flag == k }) {
@@ -433,8 +434,12 @@ func runConfig(args []string, getenv func(string) string, home string, file conf
 			return "default"
 		}
 		authPath, _ := authFilePath(getenv)
+		codexSource := "default"
+		if file.codexSet {
+			codexSource = "config file"
+		}
 		all = append(all,
-			resolved{"codex", strconv.FormatBool(file.codexEnabled), "config file"},
+			resolved{"codex", strconv.FormatBool(file.codexEnabled), codexSource},
 			resolved{"ccproxy-home", home, source("CCPROXY_HOME")},
 			resolved{"auth-file", authPath, source("CODEX_HOME")})
 		for _, r := range all {
