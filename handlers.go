@@ -335,7 +335,15 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 		if len(c.ignored) > 0 {
 			h.Set("X-Ccproxy-Ignored-Params", strings.Join(c.ignored, ", "))
 		}
-		resp, err := p.send(r.Context(), up, &c.req, sid)
+		// The Codex CLI's turn headers pass through (codex-backend.md §0,
+		// §3.2): the backend may route a turn by x-codex-turn-state.
+		uh := http.Header{"Accept": {"text/event-stream"}, "Session-Id": {sid}}
+		for k, v := range r.Header {
+			if strings.HasPrefix(k, "X-Codex-") || k == "Thread-Id" || k == "X-Client-Request-Id" {
+				uh[k] = v
+			}
+		}
+		resp, err := p.send(r.Context(), up, &c.req, uh)
 		if err != nil {
 			writeError(w, r, err)
 			return
@@ -604,7 +612,7 @@ type prompts struct {
 // Codex CLI sends its own prompt; if the backend insists on instructions
 // (2025 and early-2026 behaviour, codex-backend.md §6.2) the model's
 // base_instructions from the catalog are sent once more and kept for it.
-func (p *prompts) send(ctx context.Context, up *upstream, req *upstreamRequest, sessionID string) (*http.Response, error) {
+func (p *prompts) send(ctx context.Context, up *upstream, req *upstreamRequest, header http.Header) (*http.Response, error) {
 	if p.mode != "none" {
 		if req.Instructions != nil && *req.Instructions != "" {
 			msg, _ := json.Marshal(map[string]any{"type": "message", "role": "developer",
@@ -626,7 +634,7 @@ func (p *prompts) send(ctx context.Context, up *upstream, req *upstreamRequest, 
 			req.Instructions = &text
 		}
 	}
-	resp, err := post(ctx, up, req, sessionID)
+	resp, err := post(ctx, up, req, header)
 	var ae *apiError
 	if p.mode == "auto" && req.Instructions == nil && errors.As(err, &ae) && ae.status == 400 &&
 		strings.Contains(strings.ToLower(ae.message), "instructions are") {
@@ -638,21 +646,18 @@ func (p *prompts) send(ctx context.Context, up *upstream, req *upstreamRequest, 
 		p.needs[req.Model] = true
 		p.mu.Unlock()
 		req.Instructions = &text
-		return post(ctx, up, req, sessionID)
+		return post(ctx, up, req, header)
 	}
 	return resp, err
 }
 
 // post sends one turn to POST {upstream}/responses.
-func post(ctx context.Context, up *upstream, req *upstreamRequest, sessionID string) (*http.Response, error) {
+func post(ctx context.Context, up *upstream, req *upstreamRequest, header http.Header) (*http.Response, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, err
 	}
-	return up.do(ctx, http.MethodPost, "/responses", body, http.Header{
-		"Accept":     {"text/event-stream"},
-		"Session-Id": {sessionID},
-	})
+	return up.do(ctx, http.MethodPost, "/responses", body, header)
 }
 
 // catalogModel is the part of a backend catalog entry ccproxy uses.

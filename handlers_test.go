@@ -705,7 +705,7 @@ func TestCodexCLIRequestShape(t *testing.T) {
 	          {"type":"web_search"}],
 	 "tool_choice":"auto","parallel_tool_calls":true,"reasoning":{"summary":"auto"},
 	 "include":["reasoning.encrypted_content"],"prompt_cache_key":"0199-cli-session","client_metadata":{"x-codex-installation-id":"abc"}}`
-	resp, body := p.post(t, "/codex/responses", req, "session-id", "0199-cli-session")
+	resp, body := p.post(t, "/codex/responses", req, "session-id", "0199-cli-session", "x-codex-turn-state", "ts-1", "thread-id", "0199-cli-session")
 	if resp.StatusCode != 200 || !strings.Contains(body, "response.completed") {
 		t.Fatalf("status %d:\n%s", resp.StatusCode, body)
 	}
@@ -720,6 +720,9 @@ func TestCodexCLIRequestShape(t *testing.T) {
 	}
 	if _, ok := up["instructions"]; ok {
 		t.Error("instructions added to a request that had none")
+	}
+	if h := fb.heads[0]; h.Get("X-Codex-Turn-State") != "ts-1" || h.Get("Thread-Id") != "0199-cli-session" || h.Get("Authorization") != "Bearer "+testAccessToken {
+		t.Errorf("upstream headers %v; want the CLI's turn headers and the proxy's bearer", h)
 	}
 }
 
