@@ -377,11 +377,14 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 				writeError(w, r, err)
 				return
 			}
+			out := t.responseObject()
 			if c.chat {
-				writeJSON(w, chatCompletion(&t, id, created, c.req.Model, reasoning, c.jsonMode))
-			} else {
-				writeJSON(w, t.responseObject())
+				out = chatCompletion(&t, id, created, c.req.Model, reasoning, c.jsonMode)
 			}
+			if ri.logger.Enabled(r.Context(), slog.LevelDebug) {
+				ri.logger.Debug("response body", "body", redact(out))
+			}
+			writeJSON(w, out)
 			return
 		}
 
