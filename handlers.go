@@ -377,9 +377,11 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, reasoning reas
 				writeError(w, r, err)
 				return
 			}
-			out := t.responseObject()
+			var out []byte
 			if c.chat {
 				out = chatCompletion(&t, id, created, c.req.Model, reasoning, c.jsonMode)
+			} else {
+				out = t.responseObject()
 			}
 			if ri.logger.Enabled(r.Context(), slog.LevelDebug) {
 				ri.logger.Debug("response body", "body", redact(out))
