@@ -38,9 +38,11 @@ type sseReader struct {
 	pending []byte // rest of the current physical line after a lone CR
 }
 
-// newSSEReader reads events from r.
+// newSSEReader reads events from r. The buffer is bufio's default 4 KiB:
+// deltas are a few hundred bytes, longer lines are reassembled in s.long,
+// and a thousand open streams should not pin 64 MiB of buffers.
 func newSSEReader(r io.Reader) *sseReader {
-	return &sseReader{r: bufio.NewReaderSize(r, 64<<10)}
+	return &sseReader{r: bufio.NewReader(r)}
 }
 
 // next returns the next event. name and data are valid until the following
