@@ -12,7 +12,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"crypto/rand"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
@@ -31,9 +30,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -41,33 +40,23 @@ import (
 )
 
 const (
-	// defaultIssuer is the OAuth server of ChatGPT accounts (DEFAULT_ISSUER in Codex).
-	defaultIssuer = "https://auth.openai.com"
+	defaultIssuer = "https://auth.openai.com" // DEFAULT_ISSUER in Codex
 	// oauthClientID is the public client id of the Codex CLI; the server only
 	// accepts the redirect URIs registered for it, hence port 1455.
-	oauthClientID = "app_EMoamEEZ73f0CkXaXp7hrann"
-	// defaultCallbackPort is the port of the redirect URI registered for oauthClientID.
+	oauthClientID       = "app_EMoamEEZ73f0CkXaXp7hrann"
 	defaultCallbackPort = 1455
 	// refreshSkew refreshes an access token this long before its JWT exp, so a
 	// request never leaves with a token that expires on the way.
 	refreshSkew = 5 * time.Minute
-	// lockFileName is the lock file recent Codex CLI versions create next to
-	// auth.json (codex-rs/login/src/auth/storage.rs, AUTH_STORAGE_LOCK_FILE_NAME).
-	// They take it with fs2 lock_exclusive, which is flock(LOCK_EX) on Unix, the
-	// same lock as ours. Codex holds it only while writing (its refresh then does
-	// a compare-and-swap); holding it across our read-refresh-write makes a Codex
-	// write wait for our refresh, which is what keeps the single-use refresh token
-	// from being spent twice.
-	lockFileName = ".auth-storage.lock"
-	// lockTimeout bounds the wait for another process's lock; Codex holds it
-	// for milliseconds, so a longer wait means something is stuck.
-	lockTimeout = 30 * time.Second
-	// refreshTimeout bounds a refresh once it has been sent (see authStore.refresh).
-	refreshTimeout = time.Minute
-	// deviceTimeout is how long a device code stays usable (15 minutes in Codex).
-	deviceTimeout = 15 * time.Minute
-	// loginHint is the next step in every "log in (again)" message.
-	loginHint = "run `ccproxy auth login-openai`"
+	// lockFileName is the lock recent Codex CLIs take next to auth.json while
+	// writing it (storage.rs AUTH_STORAGE_LOCK_FILE_NAME; fs2 lock_exclusive is
+	// flock(LOCK_EX) on Unix). Holding it across our read-refresh-write makes a
+	// Codex write wait for our refresh, so the single-use refresh token is never
+	// spent twice.
+	lockFileName   = ".auth-storage.lock"
+	lockTimeout    = 30 * time.Second // Codex holds the lock for milliseconds: longer means stuck
+	refreshTimeout = time.Minute      // bounds a refresh once sent (see authStore.refresh)
+	deviceTimeout  = 15 * time.Minute // how long a device code stays usable, as in Codex
 )
 
 // authUsage is the help text of `ccproxy auth`.
@@ -97,18 +86,9 @@ Environment:
   CCPROXY_AUTH_URL   OAuth issuer (default https://auth.openai.com)
 `
 
-// errLoginRequired is wrapped by every error that only a new login can fix,
-// so callers can answer 401 instead of 502.
-var errLoginRequired = errors.New("login required")
-
-// loginError is an errLoginRequired carrying the reason the user sees.
-type loginError struct{ reason string }
-
-// Error says what happened and what to run.
-func (e *loginError) Error() string { return e.reason + ": " + loginHint }
-
-// Is makes errors.Is(err, errLoginRequired) true.
-func (e *loginError) Is(target error) bool { return target == errLoginRequired }
+// errLoginRequired is wrapped by every error that only a new login can fix, so
+// callers can answer 401, not 502. Its text is the next step for the user.
+var errLoginRequired = errors.New("run `ccproxy auth login-openai`")
 
 // secret is a token held in memory. Its LogValue keeps it out of every log.
 type secret string
@@ -117,19 +97,15 @@ type secret string
 func (secret) LogValue() slog.Value { return slog.StringValue("REDACTED") }
 
 // authFilePath is $CODEX_HOME/auth.json, or ~/.codex/auth.json, as in the Codex CLI.
+// (On Unix os.UserHomeDir is $HOME, read here through getenv.)
 func authFilePath(getenv func(string) string) (string, error) {
 	if dir := getenv("CODEX_HOME"); dir != "" {
 		return filepath.Join(dir, "auth.json"), nil
 	}
-	home := getenv("HOME")
-	if home == "" {
-		h, err := os.UserHomeDir()
-		if err != nil {
-			return "", fmt.Errorf("find auth file: %w (set CODEX_HOME)", err)
-		}
-		home = h
+	if home := getenv("HOME"); home != "" {
+		return filepath.Join(home, ".codex", "auth.json"), nil
 	}
-	return filepath.Join(home, ".codex", "auth.json"), nil
+	return "", errors.New("find auth file: $HOME is not set (set CODEX_HOME)")
 }
 
 // jwtClaims are the JWT claims ccproxy reads (codex-backend.md §1.7).
@@ -145,27 +121,29 @@ type jwtClaims struct {
 	} `json:"https://api.openai.com/profile"`
 }
 
-// parseJWT decodes the payload of a JWT. The signature is not checked: the
-// token comes from our own file or straight from the issuer over TLS, and only
-// the issuer's servers act on it. Errors never quote the token.
-func parseJWT(token string) (jwtClaims, error) {
-	var c jwtClaims
-	parts := strings.Split(token, ".")
+// parseJWT decodes the payload of the JWT named name; an empty token has no
+// claims. The signature is not checked: the token comes from our own file or
+// from the issuer over TLS, and only the issuer acts on it. Errors never quote it.
+func parseJWT(name string, token secret) (c jwtClaims, err error) {
+	if token == "" {
+		return c, nil
+	}
+	parts := strings.Split(string(token), ".")
 	if len(parts) != 3 {
-		return c, errors.New("not a JWT")
+		return c, fmt.Errorf("%s: not a JWT", name)
 	}
 	payload, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(parts[1], "="))
-	if err != nil {
-		return c, fmt.Errorf("malformed JWT payload: %w", err)
+	if err == nil {
+		err = json.Unmarshal(payload, &c)
 	}
-	if err := json.Unmarshal(payload, &c); err != nil {
-		return c, fmt.Errorf("malformed JWT claims: %w", err)
+	if err != nil {
+		return c, fmt.Errorf("%s: malformed JWT: %w", name, err)
 	}
 	return c, nil
 }
 
-// tokenFields are the token fields of auth.json: inside "tokens" in the Codex
-// CLI layout, at the top level in the flat layout.
+// tokenFields are the token fields of auth.json (inside "tokens" in the Codex
+// CLI layout, at the top level in the flat layout) and of a refresh answer.
 type tokenFields struct {
 	IDToken      string `json:"id_token"`
 	AccessToken  string `json:"access_token"`
@@ -182,7 +160,10 @@ type authFile struct {
 	idToken, accessToken, refreshToken secret
 	accountID                          string    // as stored; see account
 	lastRefresh                        time.Time // zero when absent
-	id, access                         jwtClaims
+
+	// From the JWT claims (see parseClaims).
+	claimAccount, plan, email string
+	expires                   time.Time // of the access token; zero when unknown
 
 	doc    map[string]json.RawMessage // top-level fields
 	tokens map[string]json.RawMessage // fields of "tokens"
@@ -193,7 +174,7 @@ func decodeAuthFile(data []byte) (*authFile, error) {
 	var v struct {
 		tokenFields              // the flat layout
 		Tokens      *tokenFields `json:"tokens"`
-		LastRefresh string       `json:"last_refresh"`
+		LastRefresh time.Time    `json:"last_refresh"` // RFC 3339; zero when absent or null
 	}
 	f := &authFile{}
 	if err := json.Unmarshal(data, &f.doc); err != nil {
@@ -210,106 +191,97 @@ func decodeAuthFile(data []byte) (*authFile, error) {
 		}
 	}
 	f.idToken, f.accessToken, f.refreshToken, f.accountID = secret(t.IDToken), secret(t.AccessToken), secret(t.RefreshToken), t.AccountID
-	if v.LastRefresh != "" {
-		var err error
-		if f.lastRefresh, err = time.Parse(time.RFC3339Nano, v.LastRefresh); err != nil {
-			return nil, fmt.Errorf("last_refresh: %w", err)
-		}
+	// It is written back in UTC, which must keep a four-digit year, or the file
+	// would not read back ("9999-12-31T23:59:59-23:00" is year 10000 in UTC).
+	if f.lastRefresh = v.LastRefresh.UTC(); f.lastRefresh.Year() > 9999 || f.lastRefresh.Year() < 0 {
+		return nil, errors.New("last_refresh: year out of range")
 	}
-	if err := f.parseClaims(); err != nil {
-		return nil, err
-	}
-	return f, nil
+	return f, f.parseClaims()
 }
 
-// parseClaims fills id and access from the JWTs present.
+// parseClaims reads the account details from the JWTs: plan and email from
+// the id_token first, as Codex does, the expiry from the access token.
 func (f *authFile) parseClaims() error {
-	var err error
-	if f.accessToken != "" {
-		if f.access, err = parseJWT(string(f.accessToken)); err != nil {
-			return fmt.Errorf("access_token: %w", err)
-		}
+	access, err := parseJWT("access_token", f.accessToken)
+	if err != nil {
+		return err
 	}
-	if f.idToken != "" {
-		if f.id, err = parseJWT(string(f.idToken)); err != nil {
-			return fmt.Errorf("id_token: %w", err)
-		}
+	id, err := parseJWT("id_token", f.idToken)
+	if err != nil {
+		return err
+	}
+	f.claimAccount = cmp.Or(id.Auth.AccountID, access.Auth.AccountID)
+	f.plan = cmp.Or(id.Auth.Plan, access.Auth.Plan)
+	f.email = cmp.Or(id.Email, id.Profile.Email, access.Email, access.Profile.Email)
+	f.expires = time.Time{}
+	if access.Exp != 0 {
+		f.expires = time.Unix(access.Exp, 0)
 	}
 	return nil
 }
 
-// hasTokens reports whether the file holds a ChatGPT login at all; a file
-// with only an API key (OPENAI_API_KEY) does not.
-func (f *authFile) hasTokens() bool { return f.accessToken != "" || f.refreshToken != "" }
-
 // account is the ChatGPT account id: tokens.account_id, which is what Codex
-// sends, else the id_token claim, else the access-token claim (peers' fallbacks).
-func (f *authFile) account() string {
-	return cmp.Or(f.accountID, f.id.Auth.AccountID, f.access.Auth.AccountID)
-}
+// sends, else the JWT claim (peers' fallback).
+func (f *authFile) account() string { return cmp.Or(f.accountID, f.claimAccount) }
 
-// plan is chatgpt_plan_type, read from the id_token first as Codex does.
-func (f *authFile) plan() string { return cmp.Or(f.id.Auth.Plan, f.access.Auth.Plan) }
-
-// email is the account's email address from whichever JWT carries it.
-func (f *authFile) email() string {
-	return cmp.Or(f.id.Email, f.id.Profile.Email, f.access.Email, f.access.Profile.Email)
-}
-
-// expires is the access token's expiry; zero when unknown.
-func (f *authFile) expires() time.Time {
-	if f.access.Exp == 0 {
-		return time.Time{}
-	}
-	return time.Unix(f.access.Exp, 0)
-}
-
-// encode renders f in the Codex CLI layout (codex-backend.md §2), whatever
-// layout it was read in, keeping every field it does not know.
-func (f *authFile) encode() ([]byte, error) {
-	doc := maps.Clone(f.doc)
-	if doc == nil {
-		doc = map[string]json.RawMessage{}
-	}
+// encode renders f in the Codex CLI layout (codex-backend.md §2), keeping every
+// field it does not know. It cannot fail: every value is a string, null or parsed JSON.
+func (f *authFile) encode() []byte {
+	doc, tokens := map[string]json.RawMessage{}, map[string]json.RawMessage{}
+	maps.Copy(doc, f.doc)
+	maps.Copy(tokens, f.tokens)
 	for _, k := range flatTokenKeys {
 		delete(doc, k) // the flat layout's fields now live in "tokens"
-	}
-	tokens := maps.Clone(f.tokens)
-	if tokens == nil {
-		tokens = map[string]json.RawMessage{}
 	}
 	var account any // Codex writes null when it has no account id
 	if a := f.account(); a != "" {
 		account = a
 	}
-	for k, v := range map[string]any{
-		"id_token":      string(f.idToken),
-		"access_token":  string(f.accessToken),
-		"refresh_token": string(f.refreshToken),
-		"account_id":    account,
-	} {
-		tokens[k], _ = json.Marshal(v) // strings and nil always marshal
+	for k, v := range map[string]any{"id_token": f.idToken, "access_token": f.accessToken,
+		"refresh_token": f.refreshToken, "account_id": account} {
+		tokens[k], _ = json.Marshal(v)
 	}
-	var err error
-	if doc["tokens"], err = json.Marshal(tokens); err != nil {
-		return nil, err
-	}
+	doc["tokens"], _ = json.Marshal(tokens)
 	doc["last_refresh"], _ = json.Marshal(f.lastRefresh.UTC().Format(time.RFC3339Nano))
 	if _, ok := doc["OPENAI_API_KEY"]; !ok {
 		doc["OPENAI_API_KEY"] = json.RawMessage("null") // Codex always writes the key
 	}
-	return json.MarshalIndent(doc, "", "  ")
+	data, _ := json.MarshalIndent(doc, "", "  ")
+	return data
 }
 
-// readDoc reads auth.json as raw JSON fields, for the commands that must work
-// even when its tokens do not parse (login, logout).
-func readDoc(path string) (map[string]json.RawMessage, error) {
+// readAuthFile reads and parses path. A missing file, or one without a ChatGPT
+// login (only an OPENAI_API_KEY), is an errLoginRequired; other errors name it.
+func readAuthFile(path string) (*authFile, error) {
 	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("not logged in: %w", errLoginRequired)
+	}
+	var f *authFile
+	if err == nil {
+		f, err = decodeAuthFile(data)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read auth file %s: %w", path, err)
 	}
+	if f.accessToken == "" && f.refreshToken == "" {
+		return nil, fmt.Errorf("no ChatGPT login in %s: %w", path, errLoginRequired)
+	}
+	return f, nil
+}
+
+// readDoc reads auth.json as raw JSON fields, for the commands that must work
+// even when its tokens do not parse (login, logout). A missing file is empty.
+func readDoc(path string) (map[string]json.RawMessage, error) {
 	var doc map[string]json.RawMessage
-	if err := json.Unmarshal(data, &doc); err != nil {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		data, err = []byte("{}"), nil
+	}
+	if err == nil {
+		err = json.Unmarshal(data, &doc)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("read auth file %s: %w", path, err)
 	}
 	if doc == nil { // the file says null
@@ -318,22 +290,8 @@ func readDoc(path string) (map[string]json.RawMessage, error) {
 	return doc, nil
 }
 
-// readAuthFile reads and parses path. Errors name the file.
-func readAuthFile(path string) (*authFile, error) {
-	data, err := os.ReadFile(path)
-	var f *authFile
-	if err == nil {
-		f, err = decodeAuthFile(data)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read auth file %s: %w", path, err)
-	}
-	return f, nil
-}
-
-// lockAuthFile takes the advisory lock shared with the Codex CLI (see
-// lockFileName). It polls with LOCK_NB so that the wait honours ctx and is
-// bounded by lockTimeout. The returned func releases the lock.
+// lockAuthFile takes the lock shared with the Codex CLI (see lockFileName),
+// polling with LOCK_NB so the wait honours ctx and lockTimeout.
 func lockAuthFile(ctx context.Context, path string) (unlock func(), err error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -350,14 +308,14 @@ func lockAuthFile(ctx context.Context, path string) (unlock func(), err error) {
 		if err == nil {
 			return func() { lf.Close() }, nil // closing the descriptor releases the flock
 		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			lf.Close()
-			return nil, fmt.Errorf("lock auth file: %w", err)
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			if err = sleepCtx(ctx, 50*time.Millisecond); err == nil {
+				continue
+			}
+			err = fmt.Errorf("another process holds %s: %w", lf.Name(), err)
 		}
-		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
-			lf.Close()
-			return nil, fmt.Errorf("lock auth file: another process holds %s: %w", lf.Name(), err)
-		}
+		lf.Close()
+		return nil, fmt.Errorf("lock auth file: %w", err)
 	}
 }
 
@@ -383,10 +341,7 @@ type tokenError struct {
 
 // Error relays the server's code and description.
 func (e *tokenError) Error() string {
-	msg := fmt.Sprintf("http %d", e.status)
-	if e.code != "" {
-		msg += " " + e.code
-	}
+	msg := strings.TrimSpace(fmt.Sprintf("http %d %s", e.status, e.code))
 	if e.description != "" {
 		msg += ": " + e.description
 	}
@@ -424,11 +379,8 @@ func parseTokenError(status int, body []byte) *tokenError {
 
 // postJSON POSTs in as JSON to url and decodes a 2xx answer into out; any
 // other status is a *tokenError.
-func postJSON(ctx context.Context, client *http.Client, url string, in, out any) error {
-	body, err := json.Marshal(in)
-	if err != nil {
-		return err
-	}
+func postJSON(ctx context.Context, client *http.Client, url string, in map[string]string, out any) error {
+	body, _ := json.Marshal(in) // a map of strings always marshals
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		return err
@@ -440,10 +392,10 @@ func postJSON(ctx context.Context, client *http.Client, url string, in, out any)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
+	switch {
+	case err != nil:
 		return err
-	}
-	if resp.StatusCode/100 != 2 {
+	case resp.StatusCode/100 != 2:
 		return parseTokenError(resp.StatusCode, data)
 	}
 	return json.Unmarshal(data, out)
@@ -459,16 +411,13 @@ func postJSON(ctx context.Context, client *http.Client, url string, in, out any)
 // oauth2.TokenSource: the server answers with nested error bodies that
 // oauth2.RetrieveError does not parse, any of the three tokens may be missing
 // from the answer, and the cache that matters is the file shared with another
-// process, which an in-memory TokenSource would only shadow.
+// process, which an in-memory copy would only shadow. So every call reads the
+// file (a few KB, far cheaper than the upstream call it serves).
 type authStore struct {
 	path, issuer string
 	client       *http.Client
 	now          func() time.Time
 	sem          chan struct{} // capacity 1, held across a refresh; a channel so waiters honour ctx
-
-	mu     sync.Mutex
-	cached *authFile   // last parse of the file; never modified once cached
-	stamp  os.FileInfo // the file cached was read from
 }
 
 // newAuthStore returns a store for the auth file at path, refreshing through
@@ -481,7 +430,7 @@ func newAuthStore(path, issuer string, client *http.Client, now func() time.Time
 // non-empty, is an access token the upstream just answered 401 to: refresh,
 // unless the current token already differs from it (someone else refreshed).
 func (a *authStore) token(ctx context.Context, rejected string) (access secret, accountID string, err error) {
-	f, err := a.load(false)
+	f, err := readAuthFile(a.path)
 	if err == nil && a.stale(f, rejected) {
 		select {
 		case a.sem <- struct{}{}:
@@ -499,7 +448,7 @@ func (a *authStore) token(ctx context.Context, rejected string) (access secret, 
 
 // loggedIn reports cheaply (no network) whether the credential file holds tokens.
 func (a *authStore) loggedIn() bool {
-	_, err := a.load(false)
+	_, err := readAuthFile(a.path)
 	return err == nil
 }
 
@@ -509,33 +458,7 @@ func (a *authStore) stale(f *authFile, rejected string) bool {
 	if f.accessToken == "" || rejected != "" && string(f.accessToken) == rejected {
 		return true
 	}
-	exp := f.expires()
-	return !exp.IsZero() && !a.now().Add(refreshSkew).Before(exp)
-}
-
-// load returns the parsed file. Unless force is set it re-reads only when the
-// file changed on disk (replaced, resized or touched), so a refresh written by
-// the Codex CLI is picked up at the cost of one stat per call.
-func (a *authStore) load(force bool) (*authFile, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	// Stat before reading: a change in between only costs one more read later.
-	fi, err := os.Stat(a.path)
-	if err == nil && !force && a.cached != nil &&
-		os.SameFile(fi, a.stamp) && fi.Size() == a.stamp.Size() && fi.ModTime().Equal(a.stamp.ModTime()) {
-		return a.cached, nil
-	}
-	f, err := readAuthFile(a.path)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil, &loginError{"not logged in"}
-	case err != nil:
-		return nil, err
-	case !f.hasTokens():
-		return nil, &loginError{"no ChatGPT login in " + a.path}
-	}
-	a.cached, a.stamp = f, fi
-	return f, nil
+	return !f.expires.IsZero() && !a.now().Add(refreshSkew).Before(f.expires)
 }
 
 // refresh runs under the file lock: re-read, and unless the token on disk is
@@ -546,12 +469,12 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 		return nil, err
 	}
 	defer unlock()
-	f, err := a.load(true)
+	f, err := readAuthFile(a.path)
 	if err != nil || !a.stale(f, rejected) {
 		return f, err
 	}
 	if f.refreshToken == "" {
-		return nil, &loginError{"access token expired and " + a.path + " has no refresh token"}
+		return nil, fmt.Errorf("access token expired and %s has no refresh token: %w", a.path, errLoginRequired)
 	}
 	// From here the refresh token is spent. If the caller gave up (a client
 	// disconnect) and the answer were dropped, the rotated refresh token would
@@ -561,28 +484,23 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	var resp tokenFields
 	req := map[string]string{"client_id": oauthClientID, "grant_type": "refresh_token", "refresh_token": string(f.refreshToken)}
 	if err := postJSON(ctx, a.client, a.issuer+"/oauth/token", req, &resp); err != nil {
-		var te *tokenError
-		if errors.As(err, &te) && te.permanent() {
-			return nil, &loginError{"refresh token no longer valid (" + te.Error() + ")"}
+		if te := (*tokenError)(nil); errors.As(err, &te) && te.permanent() {
+			return nil, fmt.Errorf("refresh token no longer valid (%v): %w", te, errLoginRequired)
 		}
 		return nil, fmt.Errorf("refresh access token: %w", err)
 	}
-	nf := *f // a copy: the cached value is shared; only the tokens that came back are replaced
-	nf.idToken = cmp.Or(secret(resp.IDToken), f.idToken)
-	nf.accessToken = cmp.Or(secret(resp.AccessToken), f.accessToken)
-	nf.refreshToken = cmp.Or(secret(resp.RefreshToken), f.refreshToken)
-	nf.lastRefresh = a.now()
-	if err := nf.parseClaims(); err != nil {
+	// The answer may leave out any token: only those that came back are replaced.
+	f.idToken = cmp.Or(secret(resp.IDToken), f.idToken)
+	f.accessToken = cmp.Or(secret(resp.AccessToken), f.accessToken)
+	f.refreshToken = cmp.Or(secret(resp.RefreshToken), f.refreshToken)
+	f.lastRefresh = a.now()
+	if err := f.parseClaims(); err != nil {
 		return nil, fmt.Errorf("refresh access token: %w", err)
 	}
-	data, err := nf.encode()
-	if err != nil {
-		return nil, fmt.Errorf("refresh access token: %w", err)
-	}
-	if err := writeFileAtomic(a.path, data); err != nil {
+	if err := writeFileAtomic(a.path, f.encode()); err != nil {
 		return nil, err
 	}
-	return a.load(true)
+	return f, nil
 }
 
 // login is one `auth login-openai` run.
@@ -596,9 +514,8 @@ type login struct {
 	wait         func(ctx context.Context, d time.Duration) error // between device-code polls
 }
 
-// oauthConfig is the Codex CLI's OAuth client. AuthStyleInParams because it is
-// a public PKCE client: the default auto-detection would first try HTTP Basic
-// auth with an empty secret.
+// oauthConfig is the Codex CLI's OAuth client. AuthStyleInParams because it is a
+// public PKCE client: auto-detection would first try Basic auth with no secret.
 func (l *login) oauthConfig(redirectURL string) *oauth2.Config {
 	return &oauth2.Config{
 		ClientID:    oauthClientID,
@@ -612,57 +529,64 @@ func (l *login) oauthConfig(redirectURL string) *oauth2.Config {
 	}
 }
 
-// browser runs the authorization-code flow: a callback server on 127.0.0.1,
-// the browser (or the user, pasting the redirect URL) brings the code back.
-func (l *login) browser(ctx context.Context, port int) (*authFile, error) {
+// browser runs the authorization-code flow. The final redirect reaches a callback
+// server on 127.0.0.1 or, with --no-browser, is pasted on stdin: one exchange.
+func (l *login) browser(ctx context.Context, port int) error {
 	ln, err := l.listen(ctx, port)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	ctx, cancel := context.WithCancel(ctx) // stops a paste still being exchanged
 	defer cancel()
 	// The redirect host is "localhost": it is what the OAuth server has registered.
 	cfg := l.oauthConfig(fmt.Sprintf("http://localhost:%d/auth/callback", ln.Addr().(*net.TCPAddr).Port))
 	verifier := oauth2.GenerateVerifier() // fresh per attempt (RFC 7636 §4.1)
-	b := make([]byte, 32)
-	rand.Read(b) // never fails (crypto/rand docs)
-	state := base64.RawURLEncoding.EncodeToString(b)
+	state := oauth2.GenerateVerifier()    // also 32 random bytes, base64url: Codex's state (codex-backend.md §1.3)
 	authURL := cfg.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier),
 		oauth2.SetAuthURLParam("id_token_add_organizations", "true"),
 		oauth2.SetAuthURLParam("codex_cli_simplified_flow", "true"),
 		oauth2.SetAuthURLParam("originator", "codex_cli_rs"))
 
-	result := make(chan loginResult, 1)
-	report := func(f *authFile, err error) { // the first outcome ends the login; later ones are dropped
+	results := make(chan error, 1)
+	report := func(err error) { // the first outcome ends the login; later ones are dropped
 		select {
-		case result <- loginResult{f, err}:
+		case results <- err:
 		default:
 		}
 	}
-	finish := func(code string) (*authFile, error) { return l.finish(ctx, cfg, code, verifier) }
+	// exchange ends the login with a redirect's query (codex-backend.md §1.3), unless
+	// it lacks this attempt's state (a stale tab, a forged link): then mine is false.
+	exchange := func(q url.Values) (mine bool, err error) {
+		if subtle.ConstantTimeCompare([]byte(q.Get("state")), []byte(state)) != 1 {
+			return false, nil
+		}
+		switch e, desc := q.Get("error"), q.Get("error_description"); {
+		case e == "access_denied" && strings.Contains(desc, "missing_codex_entitlement"):
+			err = errors.New("login refused: Codex is not enabled for your workspace; ask your ChatGPT workspace admin to enable it")
+		case e != "":
+			err = fmt.Errorf("login refused: %s", strings.TrimSuffix(e+": "+desc, ": "))
+		case q.Get("code") == "":
+			err = errors.New("login failed: the redirect carried no authorization code")
+		default:
+			err = l.finish(ctx, cfg, q.Get("code"), verifier)
+		}
+		report(err)
+		return true, err
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /auth/callback", func(w http.ResponseWriter, r *http.Request) {
-		q := r.URL.Query()
-		if subtle.ConstantTimeCompare([]byte(q.Get("state")), []byte(state)) != 1 {
-			// A stale tab or a forged link: refuse it, keep waiting for the real one.
+		switch mine, err := exchange(r.URL.Query()); {
+		case !mine:
 			writePage(w, http.StatusBadRequest, "State mismatch", "This link is not from the current login. Run ccproxy auth login-openai again.")
-			return
-		}
-		var f *authFile
-		code, err := authorizationCode(q)
-		if err == nil {
-			f, err = finish(code)
-		}
-		if err != nil {
+		case err != nil:
 			writePage(w, http.StatusBadRequest, "Login failed", err.Error())
-		} else {
+		default:
 			writePage(w, http.StatusOK, "Logged in", "ccproxy is logged in with your ChatGPT account. You can close this tab.")
 		}
-		report(f, err)
 	})
 	mux.HandleFunc("GET /cancel", func(w http.ResponseWriter, r *http.Request) {
 		writePage(w, http.StatusOK, "Login cancelled", "Another login took over.")
-		report(nil, errors.New("login cancelled by another login"))
+		report(errors.New("login cancelled by another login"))
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
@@ -673,55 +597,41 @@ func (l *login) browser(ctx context.Context, port int) (*authFile, error) {
 		srv.Shutdown(sctx)
 	}()
 
-	if l.openBrowser == nil {
-		fmt.Fprintf(l.stderr, "open this URL in a browser to log in:\n\n%s\n\n"+
-			"if the browser cannot reach this machine, paste the URL it ends on (http://localhost:...) here\n", authURL)
-		go l.readPaste(state, finish, report)
-	} else {
+	if l.openBrowser != nil {
 		fmt.Fprintf(l.stderr, "opening a browser to log in; if none opens, visit:\n\n%s\n\n", authURL)
 		if err := l.openBrowser(authURL); err != nil {
 			fmt.Fprintf(l.stderr, "could not open a browser (%v); open the URL above yourself\n", err)
 		}
+	} else {
+		fmt.Fprintf(l.stderr, "open this URL in a browser to log in:\n\n%s\n\n"+
+			"if the browser cannot reach this machine, paste the URL it ends on (http://localhost:...) here\n", authURL)
+		go func() {
+			for sc := bufio.NewScanner(l.stdin); sc.Scan(); {
+				line := strings.TrimSpace(sc.Text())
+				u, err := url.Parse(line)
+				switch {
+				case line == "":
+				case err != nil || !u.Query().Has("state"):
+					fmt.Fprintln(l.stderr, "that is not the redirect URL; paste the whole address from the browser's address bar")
+				default:
+					if mine, _ := exchange(u.Query()); mine {
+						return // the outcome, success or not, has been reported
+					}
+					fmt.Fprintln(l.stderr, "state mismatch: that URL is from another login attempt")
+				}
+			}
+		}()
 	}
 	select {
-	case r := <-result:
-		return r.f, r.err
+	case err := <-results:
+		return err
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
 }
 
-// readPaste accepts the final redirect URL pasted on stdin, one line at a time
-// until one carries this login's state.
-func (l *login) readPaste(state string, finish func(code string) (*authFile, error), report func(*authFile, error)) {
-	sc := bufio.NewScanner(l.stdin)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" {
-			continue
-		}
-		u, err := url.Parse(line)
-		if err != nil || !u.Query().Has("state") {
-			fmt.Fprintln(l.stderr, "that is not the redirect URL; paste the whole address from the browser's address bar")
-			continue
-		}
-		if subtle.ConstantTimeCompare([]byte(u.Query().Get("state")), []byte(state)) != 1 {
-			fmt.Fprintln(l.stderr, "state mismatch: that URL is from another login attempt")
-			continue
-		}
-		var f *authFile
-		code, err := authorizationCode(u.Query())
-		if err == nil {
-			f, err = finish(code)
-		}
-		report(f, err)
-		return
-	}
-}
-
-// listen binds the callback port on 127.0.0.1. A busy port is usually a login
-// left running elsewhere: like Codex (codex-backend.md §1.6) ask it to
-// /cancel, then retry for a couple of seconds.
+// listen binds the callback port on 127.0.0.1. A busy port is usually a login left
+// running: like Codex (codex-backend.md §1.6) ask it to /cancel, then retry.
 func (l *login) listen(ctx context.Context, port int) (net.Listener, error) {
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	ln, err := net.Listen("tcp", addr)
@@ -744,80 +654,40 @@ func (l *login) listen(ctx context.Context, port int) (net.Listener, error) {
 	return nil, fmt.Errorf("listen for the login callback: %w", err)
 }
 
-// authorizationCode takes the code out of the redirect query, or explains why
-// the server sent none (codex-backend.md §1.3).
-func authorizationCode(q url.Values) (string, error) {
-	if e := q.Get("error"); e != "" {
-		desc := q.Get("error_description")
-		if e == "access_denied" && strings.Contains(desc, "missing_codex_entitlement") {
-			return "", errors.New("login refused: Codex is not enabled for your workspace; ask your ChatGPT workspace admin to enable it")
-		}
-		return "", fmt.Errorf("login refused: %s", strings.TrimSuffix(e+": "+desc, ": "))
-	}
-	if q.Get("code") == "" {
-		return "", errors.New("login failed: the redirect carried no authorization code")
-	}
-	return q.Get("code"), nil
-}
-
-// loginResult is how a login ends.
-type loginResult struct {
-	f   *authFile
-	err error
-}
-
-// finish trades an authorization code for tokens (codex-backend.md §1.4) and
-// saves them.
-func (l *login) finish(ctx context.Context, cfg *oauth2.Config, code, verifier string) (*authFile, error) {
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, l.client)
-	tok, err := cfg.Exchange(ctx, code, oauth2.VerifierOption(verifier))
+// finish trades an authorization code for tokens (codex-backend.md §1.4) and saves
+// them, keeping the file's other fields. It sets ChatGPT mode as Codex's login does:
+// an OPENAI_API_KEY left in the file would otherwise win (codex-backend.md §2).
+func (l *login) finish(ctx context.Context, cfg *oauth2.Config, code, verifier string) error {
+	tok, err := cfg.Exchange(context.WithValue(ctx, oauth2.HTTPClient, l.client), code, oauth2.VerifierOption(verifier))
 	if re := (*oauth2.RetrieveError)(nil); errors.As(err, &re) {
 		err = parseTokenError(re.Response.StatusCode, re.Body)
 	}
+	var f *authFile
+	if err == nil {
+		idToken, _ := tok.Extra("id_token").(string)
+		f = &authFile{idToken: secret(idToken), accessToken: secret(tok.AccessToken), refreshToken: secret(tok.RefreshToken), lastRefresh: l.now()}
+		err = f.parseClaims()
+	}
 	if err != nil {
-		return nil, fmt.Errorf("exchange authorization code: %w", err)
+		return fmt.Errorf("exchange authorization code: %w", err)
 	}
-	idToken, _ := tok.Extra("id_token").(string)
-	f := &authFile{idToken: secret(idToken), accessToken: secret(tok.AccessToken), refreshToken: secret(tok.RefreshToken), lastRefresh: l.now()}
-	if err := f.parseClaims(); err != nil {
-		return nil, fmt.Errorf("exchange authorization code: %w", err)
-	}
-	if err := l.save(ctx, f); err != nil {
-		return nil, err
-	}
-	return f, nil
-}
-
-// save writes a fresh login into the auth file, keeping the file's other
-// fields. It sets ChatGPT mode explicitly, as Codex's own login does, since an
-// OPENAI_API_KEY left in the file would otherwise win (codex-backend.md §2).
-func (l *login) save(ctx context.Context, f *authFile) error {
 	unlock, err := lockAuthFile(ctx, l.path)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	doc, err := readDoc(l.path)
-	if errors.Is(err, fs.ErrNotExist) {
-		doc = map[string]json.RawMessage{}
-	} else if err != nil {
+	if f.doc, err = readDoc(l.path); err != nil {
 		return fmt.Errorf("%w (move it aside to log in)", err)
 	}
-	delete(doc, "tokens") // the old login's token fields go with it
-	doc["OPENAI_API_KEY"] = json.RawMessage("null")
-	doc["auth_mode"] = json.RawMessage(`"chatgpt"`)
-	f.doc = doc
-	data, err := f.encode()
-	if err != nil {
-		return err
-	}
-	return writeFileAtomic(l.path, data)
+	delete(f.doc, "tokens") // the old login's token fields go with it
+	f.doc["OPENAI_API_KEY"] = json.RawMessage("null")
+	f.doc["auth_mode"] = json.RawMessage(`"chatgpt"`)
+	return writeFileAtomic(l.path, f.encode())
 }
 
-// device runs the device-code flow (codex-backend.md §1.1): the user enters a
-// code at {issuer}/codex/device while we poll until the server hands over an
-// authorization code and the PKCE verifier it made for it.
-func (l *login) device(ctx context.Context) (*authFile, error) {
+// device runs the device-code flow (codex-backend.md §1.1): the user enters a code at
+// {issuer}/codex/device; polling then yields an authorization code and its verifier.
+func (l *login) device(ctx context.Context) error {
 	var uc struct {
 		DeviceAuthID string          `json:"device_auth_id"`
 		UserCode     string          `json:"user_code"`
@@ -827,7 +697,7 @@ func (l *login) device(ctx context.Context) (*authFile, error) {
 	hint := "device code login must be enabled in ChatGPT's security settings"
 	req := map[string]string{"client_id": oauthClientID}
 	if err := postJSON(ctx, l.client, l.issuer+"/api/accounts/deviceauth/usercode", req, &uc); err != nil {
-		return nil, fmt.Errorf("request device code: %w (%s)", err, hint)
+		return fmt.Errorf("request device code: %w (%s)", err, hint)
 	}
 	userCode := cmp.Or(uc.UserCode, uc.UserCodeAlt)
 	interval := 5 * time.Second
@@ -840,7 +710,7 @@ func (l *login) device(ctx context.Context) (*authFile, error) {
 	defer cancel()
 	for {
 		if err := l.wait(ctx, interval); err != nil {
-			return nil, fmt.Errorf("wait for device code login: %w", err)
+			return fmt.Errorf("wait for device code login: %w", err)
 		}
 		var tok struct {
 			AuthorizationCode string `json:"authorization_code"`
@@ -852,7 +722,7 @@ func (l *login) device(ctx context.Context) (*authFile, error) {
 			continue // not entered yet
 		}
 		if err != nil {
-			return nil, fmt.Errorf("wait for device code login: %w", err)
+			return fmt.Errorf("wait for device code login: %w", err)
 		}
 		return l.finish(ctx, l.oauthConfig(l.issuer+"/deviceauth/callback"), tok.AuthorizationCode, tok.CodeVerifier)
 	}
@@ -898,62 +768,57 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 	flags := flag.NewFlagSet("auth "+args[0], flag.ContinueOnError)
 	flags.SetOutput(stderr)
 	flags.Usage = func() { fmt.Fprint(stderr, authUsage) }
-	switch args[0] {
+	issuer, port := cmp.Or(getenv("CCPROXY_AUTH_URL"), defaultIssuer), defaultCallbackPort
+	var noBrowser, device, asJSON, yes bool
+	switch args[0] { // each command accepts only its own flags
 	case "login-openai":
-		issuer := flags.String("auth-url", cmp.Or(getenv("CCPROXY_AUTH_URL"), defaultIssuer), "OAuth issuer")
-		port := flags.Int("callback-port", defaultCallbackPort, "port of the login callback")
-		noBrowser := flags.Bool("no-browser", false, "print the URL and accept a pasted redirect URL")
-		device := flags.Bool("device", false, "log in with a device code")
-		if ok, err := parseFlags(flags, args[1:]); !ok {
-			return err
-		}
-		// The client only makes short token-endpoint calls; the timeout keeps a
-		// hung issuer from hanging the command.
-		l := &login{issuer: strings.TrimRight(*issuer, "/"), path: path, client: &http.Client{Timeout: time.Minute},
-			now: time.Now, stdin: stdin, stderr: stderr, wait: sleepCtx}
-		if !*noBrowser {
-			l.openBrowser = openBrowser
-		}
-		var f *authFile
-		if *device {
-			f, err = l.device(ctx)
-		} else {
-			f, err = l.browser(ctx, *port)
-		}
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "logged in as %s (plan %s), credentials saved to %s\n",
-			cmp.Or(f.email(), "unknown email"), strings.ToUpper(cmp.Or(f.plan(), "unknown")), path)
-		return nil
+		flags.StringVar(&issuer, "auth-url", issuer, "OAuth issuer")
+		flags.IntVar(&port, "callback-port", port, "port of the login callback")
+		flags.BoolVar(&noBrowser, "no-browser", false, "print the URL and accept a pasted redirect URL")
+		flags.BoolVar(&device, "device", false, "log in with a device code")
 	case "status", "openai-info":
-		asJSON := flags.Bool("json", false, "print JSON")
-		if ok, err := parseFlags(flags, args[1:]); !ok {
-			return err
-		}
-		return printStatus(stdout, path, time.Now(), args[0] == "openai-info", *asJSON)
+		flags.BoolVar(&asJSON, "json", false, "print JSON")
 	case "logout":
-		yes := flags.Bool("yes", false, "do not ask for confirmation")
-		if ok, err := parseFlags(flags, args[1:]); !ok {
-			return err
-		}
-		return logout(ctx, stdin, stdout, stderr, path, *yes)
+		flags.BoolVar(&yes, "yes", false, "do not ask for confirmation")
+	default:
+		return usagef("unknown auth command %q: want login-openai, status, openai-info or logout", args[0])
 	}
-	return usagef("unknown auth command %q: want login-openai, status, openai-info or logout", args[0])
-}
-
-// parseFlags parses a subcommand's flags. ok is false when the command must
-// stop: after -h (err nil), or on a bad flag, already reported by flags.
-func parseFlags(flags *flag.FlagSet, args []string) (ok bool, err error) {
-	switch err := flags.Parse(args); {
+	switch err := flags.Parse(args[1:]); {
 	case errors.Is(err, flag.ErrHelp):
-		return false, nil
+		return nil
 	case err != nil:
-		return false, exitStatus(2)
+		return exitStatus(2) // flags has printed the error
 	case flags.NArg() > 0:
-		return false, usagef("%s takes no arguments, got %q", flags.Name(), flags.Arg(0))
+		return usagef("%s takes no arguments, got %q", flags.Name(), flags.Arg(0))
 	}
-	return true, nil
+
+	switch args[0] {
+	case "status", "openai-info":
+		return printStatus(stdout, path, time.Now(), args[0] == "openai-info", asJSON)
+	case "logout":
+		return logout(ctx, stdin, stdout, stderr, path, yes)
+	}
+	// Only short token-endpoint calls: the timeout keeps a hung issuer from hanging us.
+	l := &login{issuer: strings.TrimRight(issuer, "/"), path: path, client: &http.Client{Timeout: time.Minute},
+		now: time.Now, stdin: stdin, stderr: stderr, wait: sleepCtx}
+	if !noBrowser {
+		l.openBrowser = openBrowser
+	}
+	if device {
+		err = l.device(ctx)
+	} else {
+		err = l.browser(ctx, port)
+	}
+	if err != nil {
+		return err
+	}
+	f, err := readAuthFile(path) // what was saved
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "logged in as %s (plan %s), credentials saved to %s\n",
+		cmp.Or(f.email, "unknown email"), strings.ToUpper(cmp.Or(f.plan, "unknown")), path)
+	return nil
 }
 
 // authSummary is what `auth status --json` and `auth openai-info --json` print.
@@ -970,24 +835,22 @@ type authSummary struct {
 	Path              string `json:"path"`
 }
 
-// printStatus prints `auth status` (one line) or `auth openai-info` (details)
-// from the file alone, without network. Not logged in is exit status 1.
+// printStatus prints `auth status` (one line) or `auth openai-info` (details) from
+// the file alone, without network. Not logged in is exit status 1.
 func printStatus(w io.Writer, path string, now time.Time, detailed, asJSON bool) error {
 	f, err := readAuthFile(path)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err != nil && !errors.Is(err, errLoginRequired) {
 		return err
 	}
-	s := authSummary{LoggedIn: err == nil && f.hasTokens(), Path: path}
-	var valid string
+	s := authSummary{LoggedIn: err == nil, Path: path}
+	valid := "token expiry unknown"
 	if s.LoggedIn {
-		s.Email, s.Plan, s.AccountID = f.email(), f.plan(), f.account()
-		s.RefreshToken = f.refreshToken != ""
+		s.Email, s.Plan, s.AccountID, s.RefreshToken = f.email, f.plan, f.account(), f.refreshToken != ""
 		s.AccessTokenPrefix = string(f.accessToken[:min(8, len(f.accessToken))])
 		if !f.lastRefresh.IsZero() {
 			s.LastRefresh = f.lastRefresh.UTC().Format(time.RFC3339)
 		}
-		valid = "token expiry unknown"
-		if exp := f.expires(); !exp.IsZero() {
+		if exp := f.expires; !exp.IsZero() {
 			s.ExpiresAt = exp.UTC().Format(time.RFC3339)
 			s.ExpiresInSeconds = int64(exp.Sub(now) / time.Second)
 			valid = "token valid for " + formatDuration(exp.Sub(now))
@@ -1004,16 +867,12 @@ func printStatus(w io.Writer, path string, now time.Time, detailed, asJSON bool)
 			return err
 		}
 	case !s.LoggedIn:
-		fmt.Fprintf(w, "not logged in: %s (%s)\n", loginHint, path)
+		fmt.Fprintf(w, "not logged in: %v (%s)\n", errLoginRequired, path)
 	case detailed:
-		refresh := "no"
-		if s.RefreshToken {
-			refresh = "yes"
-		}
-		fmt.Fprintf(w, "plan:           %s\naccount id:     %s\nemail:          %s\n",
-			strings.ToUpper(s.Plan), s.AccountID, s.Email)
-		fmt.Fprintf(w, "token expires:  %s (%s)\nauth file:      %s\nrefresh token:  %s\nlast refresh:   %s\naccess token:   %s…\n",
-			cmp.Or(s.ExpiresAt, "unknown"), valid, path, refresh, cmp.Or(s.LastRefresh, "unknown"), s.AccessTokenPrefix)
+		fmt.Fprintf(w, "plan:           %s\naccount id:     %s\nemail:          %s\n"+
+			"token expires:  %s (%s)\nauth file:      %s\nrefresh token:  %s\nlast refresh:   %s\naccess token:   %s…\n",
+			strings.ToUpper(s.Plan), s.AccountID, s.Email, cmp.Or(s.ExpiresAt, "unknown"), valid, path,
+			map[bool]string{true: "yes", false: "no"}[s.RefreshToken], cmp.Or(s.LastRefresh, "unknown"), s.AccessTokenPrefix)
 	default:
 		fmt.Fprintf(w, "logged in as %s (%s), %s, %s\n", cmp.Or(s.Email, "unknown email"), cmp.Or(s.Plan, "unknown plan"), valid, path)
 	}
@@ -1035,17 +894,19 @@ func formatDuration(d time.Duration) string {
 	return fmt.Sprintf("%dm", minutes)
 }
 
-// logout removes the login from the auth file, keeping its other fields, and
-// deletes the file when nothing else is left. The file is shared, so it asks
-// first unless yes: the Codex CLI is logged out too.
+// logout removes the login from the auth file, keeping other fields (or deleting
+// an empty file). It asks first unless yes, as the Codex CLI is logged out too,
+// before taking the lock, which would stall the Codex CLI while the user types.
 func logout(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, path string, yes bool) error {
 	doc, err := readDoc(path)
-	if errors.Is(err, fs.ErrNotExist) || err == nil && !hasLogin(doc) {
-		fmt.Fprintln(stdout, "not logged in")
-		return nil
-	}
 	if err != nil {
 		return err
+	}
+	if !slices.ContainsFunc([]string{"tokens", "access_token", "refresh_token"}, func(k string) bool {
+		return doc[k] != nil && string(doc[k]) != "null"
+	}) {
+		fmt.Fprintln(stdout, "not logged in")
+		return nil
 	}
 	if !yes {
 		fmt.Fprint(stderr, "this also logs out the Codex CLI; continue? [y/N] ")
@@ -1073,28 +934,14 @@ func logout(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, path
 		delete(doc, "OPENAI_API_KEY")
 	}
 	if len(doc) == 0 {
-		if err := os.Remove(path); err != nil {
-			return fmt.Errorf("remove auth file: %w", err)
-		}
+		err = os.Remove(path)
 	} else {
-		data, err := json.MarshalIndent(doc, "", "  ")
-		if err != nil {
-			return err
-		}
-		if err := writeFileAtomic(path, data); err != nil {
-			return err
-		}
+		data, _ := json.MarshalIndent(doc, "", "  ") // parsed JSON always marshals
+		err = writeFileAtomic(path, data)
+	}
+	if err != nil {
+		return fmt.Errorf("remove the tokens from %s: %w", path, err)
 	}
 	fmt.Fprintf(stdout, "logged out: tokens removed from %s\n", path)
 	return nil
-}
-
-// hasLogin reports whether doc holds tokens in either layout.
-func hasLogin(doc map[string]json.RawMessage) bool {
-	for _, k := range []string{"tokens", "access_token", "refresh_token"} {
-		if v, ok := doc[k]; ok && string(v) != "null" {
-			return true
-		}
-	}
-	return false
 }

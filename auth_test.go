@@ -16,7 +16,9 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,7 +33,7 @@ import (
 var testNow = time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
 
 // fakeJWT returns an unsigned JWT carrying claims, as the issuer's tokens do.
-func fakeJWT(t *testing.T, claims map[string]any) string {
+func fakeJWT(t testing.TB, claims map[string]any) string {
 	t.Helper()
 	payload, err := json.Marshal(claims)
 	if err != nil {
@@ -42,7 +44,7 @@ func fakeJWT(t *testing.T, claims map[string]any) string {
 }
 
 // chatgptJWT returns a token with the ChatGPT claims of codex-backend.md §1.7.
-func chatgptJWT(t *testing.T, jti string, exp time.Time) string {
+func chatgptJWT(t testing.TB, jti string, exp time.Time) string {
 	t.Helper()
 	return fakeJWT(t, map[string]any{
 		"jti": jti,
@@ -541,12 +543,13 @@ func TestLoginDevice(t *testing.T) {
 	stderr := newOutput()
 	l := &login{issuer: fake.URL, path: path, client: fake.Client(), now: time.Now, stderr: stderr,
 		wait: func(ctx context.Context, d time.Duration) error { waits = append(waits, d); return ctx.Err() }}
-	f, err := l.device(context.Background())
-	if err != nil {
+	if err := l.device(context.Background()); err != nil {
 		t.Fatalf("device login: %v", err)
 	}
-	if f.email() != "user@example.com" {
-		t.Errorf("email = %q; want user@example.com", f.email())
+	if f, err := readAuthFile(path); err != nil {
+		t.Errorf("read the saved login: %v", err)
+	} else if f.email != "user@example.com" {
+		t.Errorf("email = %q; want user@example.com", f.email)
 	}
 	fake.mu.Lock()
 	polls := fake.devicePolls
@@ -1053,4 +1056,61 @@ func TestSecretNotLogged(t *testing.T) {
 	if strings.Contains(buf.String(), "very-secret") || !strings.Contains(buf.String(), "REDACTED") {
 		t.Errorf("log = %q; want the token redacted", buf.String())
 	}
+}
+
+// FuzzAuthFile feeds arbitrary bytes to the credential-file reader. It must
+// never panic, and a file it accepts must survive the writer: encoded and
+// decoded again it holds the same tokens, account, claims and last refresh,
+// and every field ccproxy does not own, unchanged.
+func FuzzAuthFile(f *testing.F) {
+	fixture, err := os.ReadFile("testdata/auth/codex-cli.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	access := chatgptJWT(f, "a", testNow.Add(time.Hour))
+	for _, seed := range []string{
+		string(fixture),
+		codexAuthJSON(access, "rt-1", chatgptJWT(f, "id", testNow)),
+		fmt.Sprintf(`{"access_token":%q,"refresh_token":"rt","expires_at":1767225600,"account_id":"acc-flat","custom":[1,"<&>"]}`, access),
+		`{"OPENAI_API_KEY":"sk-only"}`,
+		`{"tokens":{"access_token":"abc"`,
+		`{"tokens":"oops"}`,
+		`{"tokens":null,"access_token":5}`,
+		`{"tokens":{"access_token":"a.%%%.c","refresh_token":"rt"}}`,
+		`{"last_refresh":"yesterday"}`,
+		`null`,
+		`[]`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		a, err := decodeAuthFile(data)
+		if err != nil {
+			return
+		}
+		encoded := a.encode()
+		b, err := decodeAuthFile(encoded)
+		if err != nil {
+			t.Fatalf("decodeAuthFile(encode()) = %v; encoded:\n%s", err, encoded)
+		}
+		if b.idToken != a.idToken || b.accessToken != a.accessToken || b.refreshToken != a.refreshToken || b.account() != a.account() {
+			t.Errorf("tokens or account changed by a rewrite; encoded:\n%s", encoded)
+		}
+		if !b.lastRefresh.Equal(a.lastRefresh) || !b.expires.Equal(a.expires) || b.plan != a.plan || b.email != a.email {
+			t.Errorf("last_refresh %v, expires %v, plan %q, email %q; want %v, %v, %q, %q",
+				b.lastRefresh, b.expires, b.plan, b.email, a.lastRefresh, a.expires, a.plan, a.email)
+		}
+		// Fields ccproxy does not own, at the top level and in "tokens", compared as JSON values.
+		owned := append([]string{"tokens", "last_refresh"}, flatTokenKeys...)
+		for _, m := range []struct{ before, after map[string]json.RawMessage }{{a.doc, b.doc}, {a.tokens, b.tokens}} {
+			for k, v := range m.before {
+				var want, got any
+				json.Unmarshal(v, &want)
+				json.Unmarshal(m.after[k], &got)
+				if !slices.Contains(owned, k) && !reflect.DeepEqual(got, want) {
+					t.Errorf("field %q = %s after a rewrite; want %s", k, m.after[k], v)
+				}
+			}
+		}
+	})
 }
