@@ -33,6 +33,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -417,13 +418,18 @@ type authStore struct {
 	path, issuer string
 	client       *http.Client
 	now          func() time.Time
-	sem          chan struct{} // capacity 1, held across a refresh; a channel so waiters honour ctx
+	write        func(path string, data []byte) error // writeFileAtomic; tests make it fail
+	sem          chan struct{}                        // capacity 1, held across a refresh; a channel so waiters honour ctx
+	// unsaved holds refreshed tokens the file could not take (disk full):
+	// the refresh token on disk is already spent, so these are the only
+	// ones left. They are served, and their write retried, on every call.
+	unsaved atomic.Pointer[authFile]
 }
 
 // newAuthStore returns a store for the auth file at path, refreshing through
 // issuer's token endpoint with client. now is the clock.
 func newAuthStore(path, issuer string, client *http.Client, now func() time.Time) *authStore {
-	return &authStore{path: path, issuer: issuer, client: client, now: now, sem: make(chan struct{}, 1)}
+	return &authStore{path: path, issuer: issuer, client: client, now: now, write: writeFileAtomic, sem: make(chan struct{}, 1)}
 }
 
 // token returns a valid access token and the ChatGPT account id. rejected, when
@@ -431,6 +437,15 @@ func newAuthStore(path, issuer string, client *http.Client, now func() time.Time
 // unless the current token already differs from it (someone else refreshed).
 func (a *authStore) token(ctx context.Context, rejected string) (access secret, accountID string, err error) {
 	f, err := readAuthFile(a.path)
+	if u := a.unsaved.Load(); u != nil {
+		f, err = u, nil
+		if unlock, lerr := lockAuthFile(ctx, a.path); lerr == nil {
+			if a.write(a.path, u.encode()) == nil {
+				a.unsaved.CompareAndSwap(u, nil)
+			}
+			unlock()
+		}
+	}
 	if err == nil && a.stale(f, rejected) {
 		select {
 		case a.sem <- struct{}{}:
@@ -470,6 +485,9 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	}
 	defer unlock()
 	f, err := readAuthFile(a.path)
+	if u := a.unsaved.Load(); u != nil {
+		f, err = u, nil
+	}
 	if err != nil || !a.stale(f, rejected) {
 		return f, err
 	}
@@ -497,9 +515,11 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	if err := f.parseClaims(); err != nil {
 		return nil, fmt.Errorf("refresh access token: %w", err)
 	}
-	if err := writeFileAtomic(a.path, f.encode()); err != nil {
-		return nil, err
+	if err := a.write(a.path, f.encode()); err != nil {
+		a.unsaved.Store(f) // keep the only copy of the rotated refresh token
+		return f, nil
 	}
+	a.unsaved.Store(nil)
 	return f, nil
 }
 

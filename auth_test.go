@@ -1114,3 +1114,44 @@ func FuzzAuthFile(f *testing.F) {
 		}
 	})
 }
+
+// TestTokenRefreshWriteFailure: when the file cannot take a refresh (disk
+// full), the rotated refresh token, the only valid one left, stays in
+// memory, keeps serving, and reaches the file once writing works again, so
+// the user is never logged out by a full disk.
+func TestTokenRefreshWriteFailure(t *testing.T) {
+	fake := newFakeOAuth(t, testNow.Add(time.Hour))
+	path := filepath.Join(t.TempDir(), "auth.json")
+	writeFile(t, path, codexAuthJSON(chatgptJWT(t, "old", testNow.Add(-time.Hour)), "rt-1", chatgptJWT(t, "id", testNow)))
+	before, _ := os.ReadFile(path)
+	a := newTestAuthStore(fake, path)
+	diskFull := true
+	a.write = func(p string, data []byte) error {
+		if diskFull {
+			return errors.New("no space left on device")
+		}
+		return writeFileAtomic(p, data)
+	}
+	ctx := context.Background()
+	tok1, _, err := a.token(ctx, "")
+	if err != nil {
+		t.Fatalf("token() with a full disk = %v; want the refreshed token", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(after, before) {
+		t.Errorf("auth.json changed although it could not be written:\n%s", after)
+	}
+	if tok2, _, err := a.token(ctx, ""); err != nil || tok2 != tok1 || fake.refreshCount() != 1 {
+		t.Errorf("second token() = %v, same token %v, %d refreshes; want the kept token and 1 refresh", err, tok2 == tok1, fake.refreshCount())
+	}
+	diskFull = false
+	if tok3, _, err := a.token(ctx, ""); err != nil || tok3 != tok1 {
+		t.Fatalf("token() after the disk recovered = %v; want the kept token", err)
+	}
+	if got := readJSON(t, path)["tokens"].(map[string]any)["refresh_token"]; got != fake.refreshToken {
+		t.Errorf("refresh token on disk = %v; want the rotated %s", got, fake.refreshToken)
+	}
+	// The saved rotated token still refreshes: nothing was spent twice.
+	if _, _, err := a.token(ctx, string(tok1)); err != nil || fake.refreshCount() != 2 {
+		t.Errorf("refresh after recovery = %v (%d refreshes); want success and 2", err, fake.refreshCount())
+	}
+}
