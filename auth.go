@@ -420,6 +420,7 @@ type authStore struct {
 	now          func() time.Time
 	write        func(path string, data []byte) error // writeFileAtomic; tests make it fail
 	sem          chan struct{}                        // capacity 1, held across a refresh; a channel so waiters honour ctx
+	cached  atomic.Pointer[cachedAuth] // the parsed file, valid while its stat is unchanged
 	// unsaved holds refreshed tokens the file could not take (disk full):
 	// the refresh token on disk is already spent, so these are the only
 	// ones left. They are served, and their write retried, on every call.
@@ -436,7 +437,7 @@ func newAuthStore(path, issuer string, client *http.Client, now func() time.Time
 // non-empty, is an access token the upstream just answered 401 to: refresh,
 // unless the current token already differs from it (someone else refreshed).
 func (a *authStore) token(ctx context.Context, rejected string) (access secret, accountID string, err error) {
-	f, err := readAuthFile(a.path)
+	f, err := a.read()
 	if u := a.unsaved.Load(); u != nil {
 		f, err = u, nil
 		if unlock, lerr := lockAuthFile(ctx, a.path); lerr == nil {
@@ -463,8 +464,30 @@ func (a *authStore) token(ctx context.Context, rejected string) (access secret, 
 
 // loggedIn reports cheaply (no network) whether the credential file holds tokens.
 func (a *authStore) loggedIn() bool {
-	_, err := readAuthFile(a.path)
+	_, err := a.read()
 	return err == nil
+}
+
+// cachedAuth is a parsed credential file and the stat it was read at.
+type cachedAuth struct {
+	f  *authFile
+	fi os.FileInfo
+}
+
+// read returns the parsed credential file, re-reading it only when its stat
+// changed: one stat per request instead of an open, a read and two JWT
+// decodes. Writers replace the file by rename (a new inode) or rewrite it
+// (a new mtime), so another process's refresh is still seen at once.
+func (a *authStore) read() (*authFile, error) {
+	fi, err := os.Stat(a.path)
+	if c := a.cached.Load(); err == nil && c != nil && os.SameFile(c.fi, fi) && c.fi.ModTime().Equal(fi.ModTime()) && c.fi.Size() == fi.Size() {
+		return c.f, nil
+	}
+	f, err := readAuthFile(a.path)
+	if err == nil && fi != nil {
+		a.cached.Store(&cachedAuth{f, fi})
+	}
+	return f, err
 }
 
 // stale reports whether f's access token must be refreshed. A token without
