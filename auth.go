@@ -420,7 +420,7 @@ type authStore struct {
 	now          func() time.Time
 	write        func(path string, data []byte) error // writeFileAtomic; tests make it fail
 	sem          chan struct{}                        // capacity 1, held across a refresh; a channel so waiters honour ctx
-	cached  atomic.Pointer[cachedAuth] // the parsed file, valid while its stat is unchanged
+	cached       atomic.Pointer[cachedAuth]           // the parsed file, valid while its stat is unchanged
 	// unsaved holds refreshed tokens the file could not take (disk full):
 	// the refresh token on disk is already spent, so these are the only
 	// ones left. They are served, and their write retried, on every call.
