@@ -373,24 +373,28 @@ func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) 
 // memory and on disk.
 func (ss *session) commit(sent, output []json.RawMessage, responseID string) error {
 	s := ss.st
-	if !validSessionID(responseID) {
-		return fmt.Errorf("save session %s: unusable response id %q", ss.sid, responseID)
-	}
 	items := append(make([]json.RawMessage, 0, len(sent)+len(output)), sent...)
 	for _, it := range output {
 		items = append(items, stripID(it))
 	}
-	d := &sessionData{created: ss.data.created, items: items, responses: maps.Clone(ss.data.responses), latest: responseID}
-	d.responses[responseID] = len(items)
-	// The index file goes first and unsynced: if it is lost or torn, the
-	// lookup only finds a session that does not list the response, a 404.
-	rp := filepath.Join(s.respDir, responseID)
-	if err := os.WriteFile(rp, []byte(ss.sid), 0o600); err != nil {
-		return fmt.Errorf("save session %s: %w", ss.sid, err)
+	d := &sessionData{created: ss.data.created, items: items, responses: maps.Clone(ss.data.responses)}
+	// A reply without a usable id (a sparse response.completed) is still
+	// saved; only previous_response_id cannot name it. The index file goes
+	// first and unsynced: if it is lost or torn, the lookup only finds a
+	// session that does not list the response, a 404.
+	rp := ""
+	if validSessionID(responseID) {
+		d.responses[responseID], d.latest = len(items), responseID
+		rp = filepath.Join(s.respDir, responseID)
+		if err := os.WriteFile(rp, []byte(ss.sid), 0o600); err != nil {
+			return fmt.Errorf("save session %s: %w", ss.sid, err)
+		}
 	}
 	path := s.path(ss.sid)
 	if err := writeFileAtomic(path, encodeSession(ss.sid, d)); err != nil {
-		os.Remove(rp)
+		if rp != "" {
+			os.Remove(rp)
+		}
 		return fmt.Errorf("save session %s: %w", ss.sid, err)
 	}
 	// The mtime carries last use across restarts, on the injected clock. The

@@ -902,3 +902,26 @@ func FuzzSessionFile(f *testing.F) {
 		}
 	})
 }
+
+// TestSessionTurnWithoutResponseID: a sparse response.completed without an
+// id is still saved, and an earlier response id then forks instead of
+// continuing past the unnamed turn.
+func TestSessionTurnWithoutResponseID(t *testing.T) {
+	s := newTestSessionStore(t, t.TempDir(), newFakeClock(), 10, 1<<20)
+	sessionTurn(t, s, "x", []json.RawMessage{userMsg("one")}, []json.RawMessage{assistantMsg("m1", "a")}, "resp_1")
+	sessionTurn(t, s, "x", []json.RawMessage{userMsg("two")}, []json.RawMessage{assistantMsg("m2", "b")}, "")
+	if _, items, err := s.get("x"); err != nil || len(items) != 4 {
+		t.Fatalf("get = %d items, %v; want the unnamed turn saved (4 items)", len(items), err)
+	}
+	ss, err := s.acquireResponse(context.Background(), "resp_1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ss.release()
+	if ss.id() == "x" {
+		t.Errorf("previous_response_id resp_1 continued session x past a later turn; want a fork")
+	}
+	if sent, _ := ss.input(nil); len(sent) != 2 {
+		t.Errorf("history behind resp_1 has %d items; want 2", len(sent))
+	}
+}
