@@ -264,16 +264,20 @@ func toAPIError(err error) *apiError {
 	}
 }
 
-// errorBody encodes the OpenAI error shape; empty code and param are null.
-func errorBody(e *apiError) []byte {
+// errorObject is the OpenAI error object; empty code and param are null.
+func errorObject(e *apiError) map[string]any {
 	orNull := func(s string) any {
 		if s == "" {
 			return nil
 		}
 		return s
 	}
-	b, _ := json.Marshal(map[string]any{"error": map[string]any{
-		"message": e.message, "type": e.typ, "param": orNull(e.param), "code": orNull(e.code)}})
+	return map[string]any{"message": e.message, "type": e.typ, "param": orNull(e.param), "code": orNull(e.code)}
+}
+
+// errorBody encodes the OpenAI error shape.
+func errorBody(e *apiError) []byte {
+	b, _ := json.Marshal(map[string]any{"error": errorObject(e)})
 	return b
 }
 
@@ -544,12 +548,9 @@ func errorEvent(e *apiError, chat bool) (string, []byte) {
 	if chat {
 		return "", errorBody(e)
 	}
-	var body map[string]any
-	json.Unmarshal(errorBody(e), &body)
-	body["type"] = "error"
-	body["message"] = e.message
-	body["code"] = e.code
-	b, _ := json.Marshal(body)
+	// The Responses stream's own error event shape, with the error object
+	// beside it.
+	b, _ := json.Marshal(map[string]any{"type": "error", "code": e.code, "message": e.message, "error": errorObject(e)})
 	return "error", b
 }
 
