@@ -204,12 +204,13 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	writeCodexAuth(t, filepath.Join(dir, "codex"))
 	cfg := config{host: "127.0.0.1", upstreamURL: fb.URL, authURL: "http://127.0.0.1:1", reasoning: reasoningTags,
 		instructions: "auto", sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
-		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour}
+		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour,
+		logLevel: slog.LevelDebug} // debug: tests check that not even debug lines carry secrets
 	for _, o := range opts {
 		o(&cfg)
 	}
 	var log bytes.Buffer
-	logger := slog.New(slog.NewTextHandler(&syncWriter{w: &log}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	logger := slog.New(slog.NewTextHandler(&syncWriter{w: &log}, &slog.HandlerOptions{Level: cfg.logLevel}))
 	auth := newAuthStore(cfg.authPath, cfg.authURL, http.DefaultClient, time.Now)
 	sessions, err := newSessionStore(filepath.Join(cfg.home, "sessions"), cfg.sessionTTL, cfg.maxSessions, cfg.maxSessionBytes, time.Now)
 	if err != nil {
@@ -918,7 +919,7 @@ func BenchmarkLoad(b *testing.B) {
 		{"burst/streams=1", 1, 0}, {"burst/streams=100", 100, 0}} {
 		b.Run(bc.name, func(b *testing.B) {
 			fb := newFakeBackend(b, loadReply(nil, bc.pace))
-			p := newProxy(b, fb)
+			p := newProxy(b, fb, func(c *config) { c.logLevel = slog.LevelInfo }) // the default
 			p.up.client = newUpstreamClient() // the production client, 64 idle connections
 			dc, pc := newLoadClient(bc.n), newLoadClient(bc.n)
 			defer dc.CloseIdleConnections()
@@ -962,7 +963,7 @@ func BenchmarkHeapPerStream(b *testing.B) {
 	heapWhileOpen := func(direct bool) float64 {
 		hold := make(chan struct{})
 		fb := newFakeBackend(b, loadReply(hold, 0))
-		p := newProxy(b, fb)
+		p := newProxy(b, fb, func(c *config) { c.logLevel = slog.LevelInfo })
 		var ms runtime.MemStats
 		runtime.GC()
 		runtime.ReadMemStats(&ms)
