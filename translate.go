@@ -730,35 +730,8 @@ func (t *turn) responseObject() []byte {
 		items = []json.RawMessage{}
 	}
 	o["output"] = marshal(items)
-	text, _, _ := collect(items)
-	o["output_text"] = marshal(text)
+	o["output_text"] = marshal(string(replay(items, reasoningNone).text))
 	return marshal(o)
-}
-
-// collect reads an answer out of output items: the text of message items, reasoning
-// summaries (and raw reasoning text) joined by blank lines, and function calls.
-func collect(items []json.RawMessage) (text, reasoning string, calls []backendItem) {
-	var t, r strings.Builder
-	for _, raw := range items {
-		var it backendItem
-		if json.Unmarshal(raw, &it) != nil {
-			continue
-		}
-		switch it.Type {
-		case "message":
-			t.WriteString(messageText(&it))
-		case "reasoning":
-			for _, p := range slices.Concat(it.Content, it.Summary) {
-				if r.Len() > 0 {
-					r.WriteString("\n\n")
-				}
-				r.WriteString(p.Text)
-			}
-		case "function_call":
-			calls = append(calls, it)
-		}
-	}
-	return t.String(), r.String(), calls
 }
 
 // messageText joins the output_text (and refusal) parts of a message item.
@@ -806,42 +779,56 @@ func (r *backendResponse) finishReason(toolCalls bool) string {
 	return "stop"
 }
 
-// chatCompletion builds the non-streaming chat.completion from a finished turn.
+// chatAnswer is the message of a non-streaming chat completion.
+type chatAnswer struct {
+	Role             string         `json:"role"`
+	Content          *string        `json:"content"`
+	ReasoningContent string         `json:"reasoning_content,omitempty"`
+	ToolCalls        []chatToolCall `json:"tool_calls,omitempty"`
+	text, reasoning  []byte
+}
+
+// chatToolCall is a tool call of a chat.completion message.
+type chatToolCall struct {
+	ID       string `json:"id"`
+	Type     string `json:"type"`
+	Function struct {
+		Name      string `json:"name"`
+		Arguments string `json:"arguments"`
+	} `json:"function"`
+}
+
+// replay runs finished output items through a chat stream that collects the answer instead of
+// emitting chunks, so both paths read items alike. Every item's parts are parts of their own,
+// and a separator needs reasoning before it.
+func replay(items []json.RawMessage, mode reasoningMode) *chatAnswer {
+	s := &chatStream{mode: mode, tagsDone: true, answer: &chatAnswer{Role: "assistant"}}
+	for _, raw := range items {
+		var it backendItem
+		if json.Unmarshal(raw, &it) == nil {
+			s.partKind = 0
+			_ = s.item(&it, nil)
+		}
+	}
+	return s.answer
+}
+
+// chatCompletion builds the non-streaming chat.completion from a finished turn. Unlike the
+// stream, which cannot take back tags it already sent, it has no tags when the turn calls tools.
 func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode, jsonMode bool) []byte {
 	r, items := t.items()
-	text, reasoning, calls := collect(items)
-	type toolCall struct {
-		ID       string `json:"id"`
-		Type     string `json:"type"`
-		Function struct {
-			Name      string `json:"name"`
-			Arguments string `json:"arguments"`
-		} `json:"function"`
+	m := replay(items, mode)
+	text, calls := string(m.text), len(m.ToolCalls) > 0
+	if m.ReasoningContent = string(m.reasoning); mode == reasoningTags && !jsonMode && !calls && m.ReasoningContent != "" && text != "" {
+		text = "<reasoning>" + m.ReasoningContent + "</reasoning>\n\n" + text // the guide's tags (--reasoning tags)
 	}
-	msg := struct {
-		Role             string     `json:"role"`
-		Content          *string    `json:"content"`
-		ReasoningContent string     `json:"reasoning_content,omitempty"`
-		ToolCalls        []toolCall `json:"tool_calls,omitempty"`
-	}{Role: "assistant"}
-	if mode != reasoningNone {
-		msg.ReasoningContent = reasoning
-	}
-	for _, c := range calls {
-		tc := toolCall{ID: c.CallID, Type: "function"}
-		tc.Function.Name, tc.Function.Arguments = c.Name, c.Arguments
-		msg.ToolCalls = append(msg.ToolCalls, tc)
-	}
-	if mode == reasoningTags && !jsonMode && len(calls) == 0 && reasoning != "" && text != "" {
-		text = "<reasoning>" + reasoning + "</reasoning>\n\n" + text // the guide's tags (--reasoning tags)
-	}
-	if text != "" || len(calls) == 0 {
-		msg.Content = &text
+	if text != "" || !calls {
+		m.Content = &text
 	}
 	type choice struct {
-		Index        int    `json:"index"`
-		Message      any    `json:"message"`
-		FinishReason string `json:"finish_reason"`
+		Index        int         `json:"index"`
+		Message      *chatAnswer `json:"message"`
+		FinishReason string      `json:"finish_reason"`
 	}
 	return marshal(struct {
 		ID      string    `json:"id"`
@@ -850,7 +837,7 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 		Model   string    `json:"model"`
 		Choices []choice  `json:"choices"`
 		Usage   chatUsage `json:"usage"`
-	}{id, "chat.completion", created, model, []choice{{0, msg, r.finishReason(len(calls) > 0)}}, r.usage()})
+	}{id, "chat.completion", created, model, []choice{{0, m, r.finishReason(calls)}}, r.usage()})
 }
 
 // toolCallState is one function call of a chat stream.
@@ -877,8 +864,9 @@ type chatStream struct {
 	reasoned     bool   // some reasoning was streamed (later parts get a "\n\n" separator)
 	tags         []byte // reasoning held back for the tags, until the turn shows text or a call
 	tagsDone     bool
-	buf, scratch []byte // reused: emit must not retain chunks
-	unquoted     string // an escaped delta, decoded into a field so that its address costs nothing
+	buf, scratch []byte      // reused: emit must not retain chunks
+	unquoted     string      // an escaped delta, decoded into a field so that its address costs nothing
+	answer       *chatAnswer // set by replay: content and calls are collected, not emitted
 }
 
 // newChatStream starts a chat stream; id, created and model appear in every chunk.
@@ -1012,6 +1000,17 @@ func (s *chatStream) text(id, text []byte, emit func([]byte) error) error {
 
 // content emits {key: pre+text+post} as one delta.
 func (s *chatStream) content(key string, pre, text, post []byte, emit func([]byte) error) error {
+	if a := s.answer; a != nil {
+		dst := &a.text
+		if key[1] == 'r' {
+			dst = &a.reasoning
+		}
+		if len(*dst) == 0 {
+			pre = nil
+		}
+		*dst = append(append(append(*dst, pre...), text...), post...)
+		return nil
+	}
 	if err := s.open(emit); err != nil {
 		return err
 	}
@@ -1051,6 +1050,12 @@ func (s *chatStream) newCall(it *backendItem, emit func([]byte) error) error {
 // toolCall emits one tool_calls delta: the header (id, type, name) when it is given, else an
 // arguments fragment.
 func (s *chatStream) toolCall(i int, it *backendItem, args []byte, emit func([]byte) error) error {
+	if a := s.answer; a != nil { // replay sends each call whole, once
+		tc := chatToolCall{ID: it.CallID, Type: "function"}
+		tc.Function.Name, tc.Function.Arguments = it.Name, string(args)
+		a.ToolCalls = append(a.ToolCalls, tc)
+		return nil
+	}
 	if err := s.open(emit); err != nil {
 		return err
 	}
@@ -1074,9 +1079,23 @@ func (s *chatStream) itemDone(raw json.RawMessage, emit func([]byte) error) erro
 	if json.Unmarshal(raw, &it) != nil || slices.Contains(s.streamed, it.ID) && it.ID != "" {
 		return nil
 	}
+	for i, c := range s.calls {
+		if it.Type == "function_call" && (c.itemID == it.ID && it.ID != "" || c.callID == it.CallID && it.CallID != "") {
+			if c.argsSent || it.Arguments == "" {
+				return nil
+			}
+			s.calls[i].argsSent = true
+			return s.toolCall(i, nil, []byte(it.Arguments), emit)
+		}
+	}
+	return s.item(&it, emit)
+}
+
+// item emits the whole of an item: its text, its reasoning parts or its call.
+func (s *chatStream) item(it *backendItem, emit func([]byte) error) error {
 	switch it.Type {
 	case "message":
-		if t := messageText(&it); t != "" {
+		if t := messageText(it); t != "" {
 			return s.text([]byte(it.ID), []byte(t), emit)
 		}
 	case "reasoning":
@@ -1086,16 +1105,7 @@ func (s *chatStream) itemDone(raw json.RawMessage, emit func([]byte) error) erro
 			}
 		}
 	case "function_call":
-		for i := range s.calls {
-			if c := s.calls[i]; c.itemID == it.ID && it.ID != "" || c.callID == it.CallID && it.CallID != "" {
-				if s.calls[i].argsSent || it.Arguments == "" {
-					return nil
-				}
-				s.calls[i].argsSent = true
-				return s.toolCall(i, nil, []byte(it.Arguments), emit)
-			}
-		}
-		return s.newCall(&it, emit)
+		return s.newCall(it, emit)
 	}
 	return nil
 }
