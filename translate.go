@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"reflect"
 	"slices"
 	"strconv"
@@ -743,27 +744,11 @@ func messageText(it *backendItem) string {
 	return b.String()
 }
 
-// chatUsage is the Chat Completions usage object.
-type chatUsage struct {
-	PromptTokens        int `json:"prompt_tokens"`
-	CompletionTokens    int `json:"completion_tokens"`
-	TotalTokens         int `json:"total_tokens"`
-	PromptTokensDetails struct {
-		CachedTokens int `json:"cached_tokens"`
-	} `json:"prompt_tokens_details"`
-	CompletionTokensDetails struct {
-		ReasoningTokens int `json:"reasoning_tokens"`
-	} `json:"completion_tokens_details"`
-}
-
-// usage converts backend usage to chat usage.
-func (r *backendResponse) usage() chatUsage {
-	in := r.Usage
-	u := chatUsage{PromptTokens: in.InputTokens, CompletionTokens: in.OutputTokens,
-		TotalTokens: cmp.Or(in.TotalTokens, in.InputTokens+in.OutputTokens)}
-	u.PromptTokensDetails.CachedTokens = in.InputTokensDetails.CachedTokens
-	u.CompletionTokensDetails.ReasoningTokens = in.OutputTokensDetails.ReasoningTokens
-	return u
+// usage is the turn's usage as a Chat Completions usage object.
+func (r *backendResponse) usage() []byte {
+	u := r.Usage
+	return fmt.Appendf(nil, `{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"prompt_tokens_details":{"cached_tokens":%d},"completion_tokens_details":{"reasoning_tokens":%d}}`,
+		u.InputTokens, u.OutputTokens, cmp.Or(u.TotalTokens, u.InputTokens+u.OutputTokens), u.InputTokensDetails.CachedTokens, u.OutputTokensDetails.ReasoningTokens)
 }
 
 // finishReason maps how the turn ended to the chat finish_reason.
@@ -825,19 +810,12 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 	if text != "" || !calls {
 		m.Content = &text
 	}
-	type choice struct {
+	choice := marshal(struct {
 		Index        int         `json:"index"`
 		Message      *chatAnswer `json:"message"`
 		FinishReason string      `json:"finish_reason"`
-	}
-	return marshal(struct {
-		ID      string    `json:"id"`
-		Object  string    `json:"object"`
-		Created int64     `json:"created"`
-		Model   string    `json:"model"`
-		Choices []choice  `json:"choices"`
-		Usage   chatUsage `json:"usage"`
-	}{id, "chat.completion", created, model, []choice{{0, m, r.finishReason(calls)}}, r.usage()})
+	}{0, m, r.finishReason(calls)})
+	return fmt.Appendf(chatHead("chat.completion", id, created, model), `%s],"usage":%s}`, choice, r.usage())
 }
 
 // toolCallState is one function call of a chat stream.
@@ -871,12 +849,13 @@ type chatStream struct {
 
 // newChatStream starts a chat stream; id, created and model appear in every chunk.
 func newChatStream(id string, created int64, model string, mode reasoningMode, jsonMode, includeUsage bool) *chatStream {
-	h := append([]byte(`{"id":`), marshal(id)...)
-	h = append(h, `,"object":"chat.completion.chunk","created":`...)
-	h = strconv.AppendInt(h, created, 10)
-	h = append(append(append(h, `,"model":`...), marshal(model)...), `,"choices":[`...)
-	return &chatStream{head: h, mode: mode, jsonMode: jsonMode, includeUsage: includeUsage,
-		tagsDone: mode != reasoningTags || jsonMode}
+	return &chatStream{head: chatHead("chat.completion.chunk", id, created, model), mode: mode, jsonMode: jsonMode,
+		includeUsage: includeUsage, tagsDone: mode != reasoningTags || jsonMode}
+}
+
+// chatHead is the start of a chat.completion or a chunk, up to `"choices":[`.
+func chatHead(object, id string, created int64, model string) []byte {
+	return fmt.Appendf(nil, `{"id":%s,"object":%q,"created":%d,"model":%s,"choices":[`, marshal(id), object, created, marshal(model))
 }
 
 // event translates one backend event into zero or more chunk JSON payloads, passed to emit in order.
@@ -1123,7 +1102,7 @@ func (s *chatStream) finish(r *backendResponse, emit func([]byte) error) error {
 	if !s.includeUsage {
 		return nil
 	}
-	s.buf = append(append(append(s.buf[:0], s.head...), `],"usage":`...), marshal(r.usage())...)
+	s.buf = append(append(append(s.buf[:0], s.head...), `],"usage":`...), r.usage()...)
 	return emit(append(s.buf, '}'))
 }
 
@@ -1218,31 +1197,19 @@ func appendEscaped(dst, s []byte) []byte {
 	const hex = "0123456789abcdef"
 	start := 0
 	for i := 0; i < len(s); {
-		c := s[i]
-		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
-			i++
-			continue
+		c, size := rune(s[i]), 1
+		if c >= utf8.RuneSelf {
+			c, size = utf8.DecodeRune(s[i:])
 		}
-		if c < utf8.RuneSelf {
-			dst = append(dst, s[start:i]...)
-			if k := strings.IndexByte("\"\\\b\f\n\r\t", c); k >= 0 {
-				dst = append(dst, '\\', `"\bfnrt`[k])
-			} else {
-				dst = append(dst, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRune(s[i:])
-		switch {
-		case r == utf8.RuneError && size == 1:
-			dst = append(append(dst, s[start:i]...), `\ufffd`...)
-		case r == '\u2028' || r == '\u2029':
-			dst = append(append(dst, s[start:i]...), '\\', 'u', '2', '0', '2', hex[r&0xf])
-		default:
+		if c >= 0x20 && c != '"' && c != '\\' && c != '\u2028' && c != '\u2029' && (c != utf8.RuneError || size > 1) {
 			i += size
 			continue
+		}
+		dst = append(dst, s[start:i]...)
+		if k := strings.IndexRune("\"\\\b\f\n\r\t", c); k >= 0 {
+			dst = append(dst, '\\', `"\bfnrt`[k])
+		} else {
+			dst = append(dst, '\\', 'u', hex[c>>12], hex[c>>8&0xf], hex[c>>4&0xf], hex[c&0xf])
 		}
 		i += size
 		start = i
