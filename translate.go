@@ -594,7 +594,6 @@ type backendItem struct {
 
 // backendPart is a content or summary part of an output item.
 type backendPart struct {
-	Type    string `json:"type"`
 	Text    string `json:"text"`
 	Refusal string `json:"refusal"`
 }
@@ -608,7 +607,6 @@ type backendError struct {
 
 // backendResponse is the part of the "response" object the translation reads.
 type backendResponse struct {
-	Status            string            `json:"status"`
 	Output            []json.RawMessage `json:"output"`
 	IncompleteDetails struct {
 		Reason string `json:"reason"`
@@ -792,7 +790,7 @@ func replay(items []json.RawMessage, mode reasoningMode) *chatAnswer {
 		var it backendItem
 		if json.Unmarshal(raw, &it) == nil {
 			s.partKind = 0
-			_ = s.item(&it, nil)
+			s.item(&it)
 		}
 	}
 	return s.answer
@@ -829,7 +827,6 @@ type toolCallState struct {
 type chatStream struct {
 	head         []byte // every chunk up to `"choices":[`
 	mode         reasoningMode
-	jsonMode     bool
 	includeUsage bool
 	roleSent     bool
 	done         bool
@@ -842,14 +839,16 @@ type chatStream struct {
 	reasoned     bool   // some reasoning was streamed (later parts get a "\n\n" separator)
 	tags         []byte // reasoning held back for the tags, until the turn shows text or a call
 	tagsDone     bool
-	buf, scratch []byte      // reused: emit must not retain chunks
-	unquoted     string      // an escaped delta, decoded into a field so that its address costs nothing
-	answer       *chatAnswer // set by replay: content and calls are collected, not emitted
+	buf, scratch []byte             // reused: emit must not retain chunks
+	unquoted     string             // an escaped delta, decoded into a field so that its address costs nothing
+	emit         func([]byte) error // the current event's
+	err          error              // the first error of emit: nothing is emitted after it
+	answer       *chatAnswer        // set by replay: content and calls are collected, not emitted
 }
 
 // newChatStream starts a chat stream; id, created and model appear in every chunk.
 func newChatStream(id string, created int64, model string, mode reasoningMode, jsonMode, includeUsage bool) *chatStream {
-	return &chatStream{head: chatHead("chat.completion.chunk", id, created, model), mode: mode, jsonMode: jsonMode,
+	return &chatStream{head: chatHead("chat.completion.chunk", id, created, model), mode: mode,
 		includeUsage: includeUsage, tagsDone: mode != reasoningTags || jsonMode}
 }
 
@@ -864,24 +863,23 @@ func (s *chatStream) event(typ string, data []byte, emit func(chunk []byte) erro
 	if s.done {
 		return nil
 	}
+	s.emit = emit
 	if strings.HasSuffix(typ, ".delta") {
 		id, delta, idx, ok := s.fastDelta(data)
 		switch {
 		case !ok:
 		case typ == "response.output_text.delta":
-			return s.text(id, delta, emit)
+			s.text(id, delta)
 		case typ == "response.reasoning_summary_text.delta" || typ == "response.reasoning_text.delta":
 			s.markStreamed(id)
-			return s.reasoning(id, typ[19], idx, delta, emit) // typ[19]: 's'ummary or 't'ext
+			s.reasoning(id, typ[19], idx, delta) // typ[19]: 's'ummary or 't'ext
 		case typ == "response.function_call_arguments.delta":
-			for i := range s.calls {
-				if s.calls[i].itemID == string(id) {
-					s.calls[i].argsSent = true
-					return s.toolCall(i, nil, delta, emit)
-				}
+			if i := slices.IndexFunc(s.calls, func(c toolCallState) bool { return c.itemID == string(id) }); i >= 0 {
+				s.calls[i].argsSent = true
+				s.toolCall(i, nil, delta)
 			}
 		}
-		return nil
+		return s.err
 	}
 	var ev backendEvent
 	if err := json.Unmarshal(data, &ev); err != nil && !isTerminal(typ) && typ != "response.failed" && typ != "error" {
@@ -891,29 +889,23 @@ func (s *chatStream) event(typ string, data []byte, emit func(chunk []byte) erro
 	case typ == "response.output_item.added":
 		var it backendItem
 		if json.Unmarshal(ev.Item, &it) == nil && it.Type == "function_call" {
-			return s.newCall(&it, emit)
+			s.newCall(&it)
 		}
 	case typ == "response.output_item.done":
 		s.sawItems = true
-		return s.itemDone(ev.Item, emit)
+		s.itemDone(ev.Item)
 	case isTerminal(typ):
-		r := ev.Response
-		if r == nil {
-			r = &backendResponse{}
-		}
-		if !s.sawItems {
-			// No output_item.done at all: the items exist only in response.completed.
+		r := cmp.Or(ev.Response, &backendResponse{})
+		if !s.sawItems { // no output_item.done at all: the items exist only in response.completed
 			for _, raw := range r.Output {
-				if err := s.itemDone(raw, emit); err != nil {
-					return err
-				}
+				s.itemDone(raw)
 			}
 		}
-		return s.finish(r, emit)
+		s.finish(r)
 	case typ == "response.failed" || typ == "error":
 		return eventError(&ev)
 	}
-	return nil
+	return s.err
 }
 
 // fastDelta reads item_id, the decoded delta and the part index of a delta event. Deltas are
@@ -945,40 +937,34 @@ func (s *chatStream) markStreamed(id []byte) {
 // open starts a chunk in s.buf, first sending the role chunk if it has not gone out yet. The
 // role waits for the first real chunk so that a failure before any output can still be
 // answered with a proper HTTP error status.
-func (s *chatStream) open(emit func([]byte) error) error {
+func (s *chatStream) open() {
 	if !s.roleSent {
 		s.roleSent = true
-		s.buf = append(append(s.buf[:0], s.head...), `{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}`...)
-		if err := emit(s.buf); err != nil {
-			return err
-		}
+		s.buf = append(s.buf[:0], s.head...)
+		s.send(`{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}`)
 	}
 	s.buf = append(append(s.buf[:0], s.head...), `{"index":0,"delta":`...)
-	return nil
 }
 
-// send ends the chunk in s.buf and emits it.
-func (s *chatStream) send(emit func([]byte) error) error {
-	s.buf = append(s.buf, `,"finish_reason":null}]}`...)
-	return emit(s.buf)
+// send ends the chunk in s.buf with tail and emits it, unless an emit failed before.
+func (s *chatStream) send(tail string) {
+	if s.buf = append(s.buf, tail...); s.err == nil {
+		s.err = s.emit(s.buf)
+	}
 }
 
 // text emits answer text, preceded once by the held-back reasoning tags.
-func (s *chatStream) text(id, text []byte, emit func([]byte) error) error {
+func (s *chatStream) text(id, text []byte) {
 	s.markStreamed(id)
-	if !s.tagsDone {
-		s.tagsDone = true
-		if len(s.tags) > 0 {
-			if err := s.content(`"content"`, []byte("<reasoning>"), s.tags, []byte("</reasoning>\n\n"), emit); err != nil {
-				return err
-			}
-		}
+	if !s.tagsDone && len(s.tags) > 0 {
+		s.content(`"content"`, []byte("<reasoning>"), s.tags, []byte("</reasoning>\n\n"))
 	}
-	return s.content(`"content"`, nil, text, nil, emit)
+	s.tagsDone = true
+	s.content(`"content"`, nil, text, nil)
 }
 
 // content emits {key: pre+text+post} as one delta.
-func (s *chatStream) content(key string, pre, text, post []byte, emit func([]byte) error) error {
+func (s *chatStream) content(key string, pre, text, post []byte) {
 	if a := s.answer; a != nil {
 		dst := &a.text
 		if key[1] == 'r' {
@@ -988,21 +974,19 @@ func (s *chatStream) content(key string, pre, text, post []byte, emit func([]byt
 			pre = nil
 		}
 		*dst = append(append(append(*dst, pre...), text...), post...)
-		return nil
+		return
 	}
-	if err := s.open(emit); err != nil {
-		return err
-	}
+	s.open()
 	s.buf = append(append(append(s.buf, '{'), key...), ':', '"')
 	s.buf = append(appendEscaped(appendEscaped(appendEscaped(s.buf, pre), text), post), '"', '}')
-	return s.send(emit)
+	s.send(`,"finish_reason":null}]}`)
 }
 
 // reasoning streams a reasoning delta as reasoning_content and keeps it for the tags; a new
 // summary part (or item) is separated from the previous one by a blank line.
-func (s *chatStream) reasoning(id []byte, kind byte, idx int, delta []byte, emit func([]byte) error) error {
+func (s *chatStream) reasoning(id []byte, kind byte, idx int, delta []byte) {
 	if s.mode == reasoningNone {
-		return nil
+		return
 	}
 	var sep []byte
 	if s.partItem != string(id) || s.partKind != kind || s.partIndex != idx {
@@ -1015,29 +999,27 @@ func (s *chatStream) reasoning(id []byte, kind byte, idx int, delta []byte, emit
 	if !s.tagsDone {
 		s.tags = append(append(s.tags, sep...), delta...)
 	}
-	return s.content(`"reasoning_content"`, sep, delta, nil, emit)
+	s.content(`"reasoning_content"`, sep, delta, nil)
 }
 
 // newCall registers a function call and emits its id and name; the tags are dropped because
 // the turn goes to tool calls (SPEC §4).
-func (s *chatStream) newCall(it *backendItem, emit func([]byte) error) error {
+func (s *chatStream) newCall(it *backendItem) {
 	s.tagsDone = true
 	s.calls = append(s.calls, toolCallState{it.ID, it.CallID, it.Arguments != ""})
-	return s.toolCall(len(s.calls)-1, it, []byte(it.Arguments), emit)
+	s.toolCall(len(s.calls)-1, it, []byte(it.Arguments))
 }
 
 // toolCall emits one tool_calls delta: the header (id, type, name) when it is given, else an
 // arguments fragment.
-func (s *chatStream) toolCall(i int, it *backendItem, args []byte, emit func([]byte) error) error {
+func (s *chatStream) toolCall(i int, it *backendItem, args []byte) {
 	if a := s.answer; a != nil { // replay sends each call whole, once
 		tc := chatToolCall{ID: it.CallID, Type: "function"}
 		tc.Function.Name, tc.Function.Arguments = it.Name, string(args)
 		a.ToolCalls = append(a.ToolCalls, tc)
-		return nil
+		return
 	}
-	if err := s.open(emit); err != nil {
-		return err
-	}
+	s.open()
 	s.buf = strconv.AppendInt(append(s.buf, `{"tool_calls":[{"index":`...), int64(i), 10)
 	if it != nil {
 		s.buf = appendString(append(s.buf, `,"id":`...), []byte(it.CallID))
@@ -1047,63 +1029,55 @@ func (s *chatStream) toolCall(i int, it *backendItem, args []byte, emit func([]b
 		s.buf = append(s.buf, `,"function":{`...)
 	}
 	s.buf = append(appendString(append(s.buf, `"arguments":`...), args), "}}]}"...)
-	return s.send(emit)
+	s.send(`,"finish_reason":null}]}`)
 }
 
 // itemDone emits what a finished item holds that its deltas did not deliver: the whole text
 // or reasoning of a sparse stream (the Codex fixtures send only output_item.done, §0), a call
 // never announced, or arguments that never came as deltas.
-func (s *chatStream) itemDone(raw json.RawMessage, emit func([]byte) error) error {
+func (s *chatStream) itemDone(raw json.RawMessage) {
 	var it backendItem
 	if json.Unmarshal(raw, &it) != nil || slices.Contains(s.streamed, it.ID) && it.ID != "" {
-		return nil
+		return
 	}
 	for i, c := range s.calls {
 		if it.Type == "function_call" && (c.itemID == it.ID && it.ID != "" || c.callID == it.CallID && it.CallID != "") {
-			if c.argsSent || it.Arguments == "" {
-				return nil
+			if !c.argsSent && it.Arguments != "" {
+				s.calls[i].argsSent = true
+				s.toolCall(i, nil, []byte(it.Arguments))
 			}
-			s.calls[i].argsSent = true
-			return s.toolCall(i, nil, []byte(it.Arguments), emit)
+			return
 		}
 	}
-	return s.item(&it, emit)
+	s.item(&it)
 }
 
 // item emits the whole of an item: its text, its reasoning parts or its call.
-func (s *chatStream) item(it *backendItem, emit func([]byte) error) error {
+func (s *chatStream) item(it *backendItem) {
 	switch it.Type {
 	case "message":
 		if t := messageText(it); t != "" {
-			return s.text([]byte(it.ID), []byte(t), emit)
+			s.text([]byte(it.ID), []byte(t))
 		}
 	case "reasoning":
 		for i, p := range slices.Concat(it.Content, it.Summary) {
-			if err := s.reasoning([]byte(it.ID), 'd', i, []byte(p.Text), emit); err != nil {
-				return err
-			}
+			s.reasoning([]byte(it.ID), 'd', i, []byte(p.Text))
 		}
 	case "function_call":
-		return s.newCall(it, emit)
+		s.newCall(it)
 	}
-	return nil
 }
 
 // finish emits the one chunk with a finish_reason and, when asked for, the usage chunk.
-func (s *chatStream) finish(r *backendResponse, emit func([]byte) error) error {
+func (s *chatStream) finish(r *backendResponse) {
 	s.done = true
-	if err := s.open(emit); err != nil {
-		return err
-	}
+	s.open()
 	s.buf = appendString(append(s.buf, `{},"finish_reason":`...), []byte(r.finishReason(len(s.calls) > 0)))
-	if err := emit(append(s.buf, "}]}"...)); err != nil {
-		return err
+	s.send("}]}")
+	if s.includeUsage {
+		s.buf = append(append(append(s.buf[:0], s.head...), `],"usage":`...), r.usage()...)
+		s.send("}")
 	}
-	if !s.includeUsage {
-		return nil
-	}
-	s.buf = append(append(append(s.buf[:0], s.head...), `],"usage":`...), r.usage()...)
-	return emit(append(s.buf, '}'))
 }
 
 // scanDelta finds the top-level item_id, delta (raw: quoted, still escaped) and summary_index
