@@ -1080,67 +1080,46 @@ func (s *chatStream) finish(r *backendResponse) {
 	}
 }
 
-// scanDelta finds the top-level item_id, delta (raw: quoted, still escaped) and summary_index
-// or content_index of a delta event without allocating. It knows only the flat shape the
-// backend sends; ok is false for anything else (escaped keys, values of other types, bad
-// syntax), and the caller then asks encoding/json.
+// scanDelta finds the item_id, delta (raw: quoted, still escaped) and summary_index or
+// content_index of a delta event without allocating. It knows only the compact, flat shape
+// the backend sends: ok is false for anything else (space, escaped keys, values of other
+// types, nested values with commas, bad syntax), and the caller then asks encoding/json.
 func scanDelta(data []byte) (id, delta []byte, idx int, ok bool) {
-	depth := 0
-	for i := 0; i < len(data); i++ {
-		switch data[i] {
-		case '{', '[':
-			depth++
-		case '}', ']':
-			if depth--; depth == 0 {
-				return id, delta, idx, delta != nil && skipSpace(data, i+1) == len(data)
-			}
-		case '"':
-			end := stringEnd(data, i)
-			if end < 0 {
-				return
-			}
-			key, colon := data[i+1:end-1], skipSpace(data, end)
-			if depth != 1 || colon == len(data) || data[colon] != ':' {
-				i = end - 1 // a value, or a string nested deeper
-				continue
-			}
-			if bytes.IndexByte(key, '\\') >= 0 {
-				return
-			}
-			v := skipSpace(data, colon+1)
-			switch string(key) {
-			case "item_id", "delta":
-				if end = stringEnd(data, v); end < 0 || key[0] == 'i' && bytes.IndexByte(data[v:end], '\\') >= 0 {
-					return
-				}
-				if key[0] == 'i' {
-					id = data[v+1 : end-1]
-				} else {
-					delta = data[v:end]
-				}
-			case "summary_index", "content_index":
-				for end = v; end < len(data) && strings.IndexByte(",}] \t\r\n", data[end]) < 0; end++ {
-				}
-				n, err := strconv.Atoi(string(data[v:end]))
-				if err != nil {
-					return
-				}
-				idx = n
-			default:
-				end = v // the loop skips the value
-			}
-			i = end - 1
+	if len(data) < 2 || data[0] != '{' || data[len(data)-1] != '}' {
+		return
+	}
+	for i := 1; ; {
+		end := stringEnd(data, i)
+		if end < 0 || end == len(data) || data[end] != ':' || bytes.IndexByte(data[i:end], '\\') >= 0 {
+			return
 		}
+		key, v := string(data[i+1:end-1]), end+1
+		if end = stringEnd(data, v); end < 0 { // not a string: a number, literal or [] (no strings)
+			for end = v; end < len(data) && strings.IndexByte(`,}"`, data[end]) < 0; end++ {
+			}
+		}
+		switch {
+		case end >= len(data) || data[end] != ',' && end != len(data)-1:
+			return
+		case key == "item_id" && (data[v] != '"' || bytes.IndexByte(data[v:end], '\\') >= 0),
+			key == "delta" && data[v] != '"':
+			return
+		case key == "item_id":
+			id = data[v+1 : end-1]
+		case key == "delta":
+			delta = data[v:end]
+		case key == "summary_index" || key == "content_index":
+			n, err := strconv.Atoi(string(data[v:end]))
+			if err != nil {
+				return
+			}
+			idx = n
+		}
+		if end == len(data)-1 {
+			return id, delta, idx, delta != nil
+		}
+		i = end + 1
 	}
-	return
-}
-
-// skipSpace returns the index of the first non-space byte at or after i.
-func skipSpace(data []byte, i int) int {
-	for i < len(data) && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r') {
-		i++
-	}
-	return i
 }
 
 // stringEnd returns the index after the JSON string that starts at data[i], or -1.
