@@ -162,33 +162,11 @@ type textPart struct {
 	Text string `json:"text"`
 }
 
-// imagePart is an input_image content part; the backend wants image_url as a plain string.
-type imagePart struct {
-	Type     string `json:"type"`
-	ImageURL string `json:"image_url"`
-	Detail   string `json:"detail,omitempty"`
-}
-
 // messageItem is a Responses message input item.
 type messageItem struct {
 	Type    string `json:"type"`
 	Role    string `json:"role"`
 	Content []any  `json:"content"`
-}
-
-// functionCallItem is a function_call input item (an assistant tool call being replayed).
-type functionCallItem struct {
-	Type      string `json:"type"`
-	Name      string `json:"name"`
-	Arguments string `json:"arguments"`
-	CallID    string `json:"call_id"`
-}
-
-// functionOutputItem is a function_call_output input item (a tool result).
-type functionOutputItem struct {
-	Type   string `json:"type"`
-	CallID string `json:"call_id"`
-	Output string `json:"output"`
 }
 
 // functionDef is the function of a chat tool; with a type next to it, it is a Responses tool.
@@ -334,7 +312,11 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 		for _, p := range parts {
 			out.WriteString(p.(textPart).Text)
 		}
-		return one(functionOutputItem{"function_call_output", m.ToolCallID, out.String()}), err
+		return one(struct {
+			Type   string `json:"type"`
+			CallID string `json:"call_id"`
+			Output string `json:"output"`
+		}{"function_call_output", m.ToolCallID, out.String()}), err
 	case "":
 		return nil, invalidRequest(param+".role", "Missing required parameter: '%s.role'.", param)
 	default:
@@ -354,7 +336,12 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 			p := param + ".tool_calls[" + strconv.Itoa(j) + "]"
 			return nil, invalidRequest(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
 		}
-		items = append(items, marshal(functionCallItem{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
+		items = append(items, marshal(struct {
+			Type      string `json:"type"`
+			Name      string `json:"name"`
+			Arguments string `json:"arguments"`
+			CallID    string `json:"call_id"`
+		}{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
 	}
 	return items, nil
 }
@@ -389,7 +376,11 @@ func chatContent(raw json.RawMessage, param, textType string, images bool) ([]an
 			if json.Unmarshal(p.ImageURL, &img.URL) != nil && json.Unmarshal(p.ImageURL, &img) != nil || img.URL == "" {
 				return nil, invalidRequest(pp+".image_url", "Invalid value for '%s.image_url': expected a URL string or {\"url\": …}.", pp)
 			}
-			out = append(out, imagePart{"input_image", img.URL, img.Detail})
+			out = append(out, struct { // the backend wants image_url as a plain string
+				Type     string `json:"type"`
+				ImageURL string `json:"image_url"`
+				Detail   string `json:"detail,omitempty"`
+			}{"input_image", img.URL, img.Detail})
 		default:
 			return nil, invalidRequest(pp+".type", "Invalid value for '%s.type': %q is not supported here.", pp, p.Type)
 		}
