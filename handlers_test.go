@@ -920,7 +920,7 @@ func BenchmarkLoad(b *testing.B) {
 		b.Run(bc.name, func(b *testing.B) {
 			fb := newFakeBackend(b, loadReply(nil, bc.pace))
 			p := newProxy(b, fb, func(c *config) { c.logLevel = slog.LevelInfo }) // the default
-			p.up.client = newUpstreamClient() // the production client, 64 idle connections
+			p.up.client = newUpstreamClient()                                     // the production client, 64 idle connections
 			dc, pc := newLoadClient(bc.n), newLoadClient(bc.n)
 			defer dc.CloseIdleConnections()
 			defer pc.CloseIdleConnections()
