@@ -453,16 +453,13 @@ type call struct {
 // with "messages" and no "input") or as a native Responses request.
 func parseCall(body []byte, chatPath bool) (call, error) {
 	if !chatPath {
-		var probe struct{ Messages, Input json.RawMessage }
-		json.Unmarshal(body, &probe)
-		chatPath = probe.Messages != nil && probe.Input == nil
+		rc, err := parseResponses(body)
+		if err != nil || !rc.chatBody {
+			return call{req: rc.req, ignored: rc.ignored, stream: rc.stream, previousResponseID: rc.previousResponseID}, err
+		}
 	}
-	if chatPath {
-		cc, err := parseChat(body)
-		return call{req: cc.req, ignored: cc.ignored, chat: true, stream: cc.stream, includeUsage: cc.includeUsage, jsonMode: cc.jsonMode}, err
-	}
-	rc, err := parseResponses(body)
-	return call{req: rc.req, ignored: rc.ignored, stream: rc.stream, previousResponseID: rc.previousResponseID}, err
+	cc, err := parseChat(body)
+	return call{req: cc.req, ignored: cc.ignored, chat: true, stream: cc.stream, includeUsage: cc.includeUsage, jsonMode: cc.jsonMode}, err
 }
 
 // openSession finds the request's session: the one behind

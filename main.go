@@ -133,10 +133,13 @@ const configUsage = `Usage:
   ccproxy config show                       print each effective setting and its source
 `
 
-// settings lists every serve option once: flag name (also the config-file
-// key), environment variable and default. It drives flag parsing, precedence
-// and `config show`, so the three cannot disagree.
-var settings = []struct{ flag, env, def string }{
+// setting is one serve option: its flag name (also the config-file key),
+// environment variable and default.
+type setting struct{ flag, env, def string }
+
+// settings lists every serve option once. It drives flag parsing,
+// precedence and `config show`, so the three cannot disagree.
+var settings = []setting{
 	{"host", "CCPROXY_HOST", "127.0.0.1"},
 	{"port", "CCPROXY_PORT", "8000"},
 	{"api-key", "CCPROXY_API_KEY", ""},
@@ -267,7 +270,7 @@ func readConfigFile(home string) (configFile, error) {
 			cf.codexEnabled, cf.codexSet = enabled, true
 			continue
 		}
-		if !slices.ContainsFunc(settings, func(s struct{ flag, env, def string }) bool { return s.flag == k }) {
+		if !slices.ContainsFunc(settings, func(s setting) bool { return s.flag == k }) {
 			return cf, fmt.Errorf("config %s: unknown key %q (keys are serve flag names, see `ccproxy help serve`)", path, k)
 		}
 		switch v := v.(type) {

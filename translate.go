@@ -55,6 +55,7 @@ type responsesCall struct {
 	ignored            []string
 	stream             bool
 	previousResponseID string // emulated by the session layer; never sent upstream
+	chatBody           bool   // "messages" and no "input": a chat request (SPEC §5.2); nothing else is set
 }
 
 // encryptedReasoning is the include value that makes the backend return reasoning items it
@@ -468,6 +469,9 @@ func parseResponses(body []byte) (responsesCall, error) {
 	ignored, err := decodeBody(body, responsesParams, &r)
 	if err != nil {
 		return responsesCall{}, err
+	}
+	if (len(r.Input) == 0 || isNull(r.Input)) && slices.Contains(ignored, "messages") {
+		return responsesCall{chatBody: true}, nil
 	}
 	req, effort, err := baseRequest(r.Model)
 	if err != nil {
