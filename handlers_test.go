@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"slices"
 	"strings"
 	"sync"
@@ -203,7 +204,7 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	dir := t.TempDir()
 	writeCodexAuth(t, filepath.Join(dir, "codex"))
 	cfg := config{host: "127.0.0.1", upstreamURL: fb.URL, authURL: "http://127.0.0.1:1", reasoning: reasoningTags,
-		instructions: "auto", sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
+		instructions: instructions{mode: "auto"}, sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
 		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour,
 		logLevel: slog.LevelDebug} // debug: tests check that not even debug lines carry secrets
 	for _, o := range opts {
@@ -218,7 +219,7 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	}
 	up := newUpstream(cfg.upstreamURL, auth, fb.Client())
 	up.backoff = time.Millisecond
-	srv := httptest.NewServer(newServer(logger, cfg, auth, sessions, up, newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now), ""))
+	srv := httptest.NewServer(newServer(logger, cfg, auth, sessions, up, newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now)))
 	t.Cleanup(srv.Close)
 	return &proxy{Server: srv, log: &log, cfg: cfg, up: up, sessions: sessions}
 }
@@ -420,16 +421,17 @@ func TestClientCancelReachesBackend(t *testing.T) {
 
 func TestStreamFailures(t *testing.T) {
 	tests := []struct {
-		name    string
-		events  []string
-		wantErr string
+		name       string
+		events     []string
+		wantErr    string
+		wantStatus int // 200 once the answer has begun; before that, an HTTP error
 	}{
-		{"closed mid-stream", textReply("resp_1", "Hel")[:3], "stream closed before response.completed"},
-		{"cut mid-event", append(textReply("resp_1", "Hel")[:3], "event: response.output_text.delta\ndata: {\"del"), "upstream_stream_error"},
-		{"garbage", []string{"\x00\x01 not sse at all\n\n"}, "upstream_stream_error"},
+		{"closed mid-stream", textReply("resp_1", "Hel")[:3], "stream closed before response.completed", 200},
+		{"cut mid-event", append(textReply("resp_1", "Hel")[:3], "event: response.output_text.delta\ndata: {\"del"), "upstream_stream_error", 200},
+		{"garbage", []string{"\x00\x01 not sse at all\n\n"}, "upstream_stream_error", 502},
 		{"response.failed", append(textReply("resp_1", "Hel")[:3], sse("response.failed", map[string]any{"response": map[string]any{
 			"id": "resp_1", "status": "failed", "error": map[string]any{"code": "context_length_exceeded", "message": "Your input exceeds the context window"}}})),
-			"Your input exceeds the context window"},
+			"Your input exceeds the context window", 200},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -440,8 +442,8 @@ func TestStreamFailures(t *testing.T) {
 				if path == "/codex/v1/responses" {
 					resp, body = p.post(t, path, `{"model":"gpt-5.5","stream":true,"input":"hi"}`)
 				}
-				if resp.StatusCode != 200 || !strings.Contains(body, tc.wantErr) || !strings.Contains(body, `"error":{`) {
-					t.Errorf("%s: status %d, body:\n%s\nwant an error event with %q", path, resp.StatusCode, body, tc.wantErr)
+				if resp.StatusCode != tc.wantStatus || !strings.Contains(body, tc.wantErr) || !strings.Contains(body, `"error":{`) {
+					t.Errorf("%s: status %d, body:\n%s\nwant %d with an error naming %q", path, resp.StatusCode, body, tc.wantStatus, tc.wantErr)
 				}
 				if strings.Contains(body, "[DONE]") || strings.Contains(body, "event: response.completed") {
 					t.Errorf("%s: a failed stream ended cleanly:\n%s", path, body)
@@ -927,17 +929,24 @@ func BenchmarkLoad(b *testing.B) {
 			loadClient(b, dc, bc.n, true, fb, p, nil) // warm up: connections open, as in steady use
 			loadClient(b, pc, bc.n, false, fb, p, nil)
 			var direct, proxied []time.Duration
-			var deltas, failures int
+			var deltas, directDeltas, failures int
 			var elapsed time.Duration
+			var directCPU, proxiedCPU float64
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				d, _, f := loadClient(b, dc, bc.n, true, fb, p, nil)
+				c0 := cpuSeconds()
+				d, dgot, f := loadClient(b, dc, bc.n, true, fb, p, nil)
+				c1 := cpuSeconds()
 				direct = append(direct, d...)
 				t0 := time.Now()
 				pr, got, f2 := loadClient(b, pc, bc.n, false, fb, p, nil)
 				elapsed += time.Since(t0)
+				c2 := cpuSeconds()
+				directCPU += c1 - c0
+				proxiedCPU += c2 - c1
 				proxied = append(proxied, pr...)
 				deltas += got
+				directDeltas += dgot
 				failures += f + f2
 			}
 			if failures > 0 {
@@ -948,9 +957,23 @@ func BenchmarkLoad(b *testing.B) {
 			b.ReportMetric(us(percentile(proxied, 50)-percentile(direct, 50)), "added-ttfb-p50-µs")
 			b.ReportMetric(us(percentile(proxied, 99)-percentile(direct, 99)), "added-ttfb-p99-µs")
 			b.ReportMetric(float64(deltas)/elapsed.Seconds(), "deltas/s")
+			// The fake backend and the clients run in this process too: the proxied run's CPU
+			// less the direct run's is the proxy's share.
+			b.ReportMetric(directCPU/float64(directDeltas)*1e6, "direct-cpu-µs/delta")
+			b.ReportMetric((proxiedCPU-directCPU)/float64(deltas)*1e6, "proxy-cpu-µs/delta")
 			b.ReportMetric(0, "ns/op")
 		})
 	}
+}
+
+// cpuSeconds is the CPU time the process has used so far, as the Go runtime counts it: the
+// time its Ps were not idle. The runtime updates these counters only at a garbage collection,
+// so it forces one first.
+func cpuSeconds() float64 {
+	runtime.GC()
+	s := []metrics.Sample{{Name: "/cpu/classes/total:cpu-seconds"}, {Name: "/cpu/classes/idle:cpu-seconds"}}
+	metrics.Read(s)
+	return s[0].Value.Float64() - s[1].Value.Float64()
 }
 
 // BenchmarkHeapPerStream holds N streams open (each has its first delta)
@@ -1148,6 +1171,13 @@ func TestClientLeavesAtEveryStage(t *testing.T) {
 				<-r.Context().Done()
 			}
 		}, nil},
+		{"reading a non-stream answer", func(reached chan<- struct{}) func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+			return func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				writeEvents(w, textReply("resp_1", "Hel")[:3])
+				close(reached)
+				<-r.Context().Done()
+			}
+		}, nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1161,8 +1191,9 @@ func TestClientLeavesAtEveryStage(t *testing.T) {
 				ctx, cancel := context.WithCancel(context.Background())
 				done := make(chan error, 1)
 				go func() {
+					stream := !strings.HasPrefix(tc.name, "reading a non-stream")
 					req, _ := http.NewRequestWithContext(ctx, "POST", p.URL+"/codex/s1/responses",
-						strings.NewReader(`{"model":"gpt-5.5","stream":true,"input":"hi"}`))
+						strings.NewReader(fmt.Sprintf(`{"model":"gpt-5.5","stream":%v,"input":"hi"}`, stream)))
 					resp, err := client.Do(req)
 					if err == nil {
 						_, err = io.ReadAll(resp.Body)
@@ -1180,8 +1211,13 @@ func TestClientLeavesAtEveryStage(t *testing.T) {
 				p.Close() // waits for the handler to return
 				fb.Close()
 				// The turn never committed: the new session does not exist.
-				if _, _, err := p.sessions.get("s1"); toAPIError(err) == nil || toAPIError(err).status != 404 {
+				if _, _, err := p.sessions.get("s1"); err == nil || show(err).status != 404 {
 					t.Errorf("session after a canceled turn: %v; want 404", err)
+				}
+				// The client's leaving is its doing: no error, no 502, no "stream broke".
+				if log := p.log.String(); strings.Contains(log, "level=ERROR") || strings.Contains(log, "status=502") ||
+					!strings.Contains(log, "client_gone=true") {
+					t.Errorf("log of a client that left:\n%s\nwant client_gone=true and no error or 502", log)
 				}
 			}()
 			settleGoroutines(t, base)
@@ -1228,5 +1264,58 @@ func TestSessionDiskFailure(t *testing.T) {
 				t.Errorf("in-memory transcript after the failed save: %s; want the first turn's 2 items", b)
 			}
 		})
+	}
+}
+
+// TestCompletedOnlyIsSaved: a backend that sends the reply only inside response.completed (no
+// output_item.done) gets it saved in the session, as the client got it.
+func TestCompletedOnlyIsSaved(t *testing.T) {
+	msg := map[string]any{"id": "msg_1", "type": "message", "role": "assistant",
+		"content": []any{map[string]any{"type": "output_text", "text": "only in completed"}}}
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, []string{
+			sse("response.created", map[string]any{"response": map[string]any{"id": "resp_c", "output": []any{}}}),
+			sse("response.completed", map[string]any{"response": map[string]any{"id": "resp_c", "status": "completed",
+				"output": []any{msg}}}),
+		})
+	})
+	p := newProxy(t, fb)
+	for _, tc := range []struct{ path, body string }{
+		{"/codex/c1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`},
+		{"/codex/c2/responses", `{"model":"gpt-5.5","input":"hi","stream":true}`},
+	} {
+		if resp, body := p.post(t, tc.path, tc.body); resp.StatusCode != 200 || !strings.Contains(body, "only in completed") {
+			t.Fatalf("%s: %d %s; want the answer", tc.path, resp.StatusCode, body)
+		}
+		id := strings.Split(tc.path, "/")[2]
+		_, body := p.get(t, "/codex/sessions/"+id)
+		if tr := jsonPath(decode(t, body), "transcript"); !strings.Contains(fmt.Sprint(tr), "only in completed") {
+			t.Errorf("session %s transcript %v; want the reply saved", id, tr)
+		}
+	}
+}
+
+// TestWrappedErrorKeepsItsHint: when the backend insists on instructions and the catalog has
+// none, the client hears both failures and what to do.
+func TestWrappedErrorKeepsItsHint(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		w.WriteHeader(400)
+		io.WriteString(w, `{"detail":"Instructions are not valid"}`)
+	})
+	fb.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/models" { // a catalog without base instructions
+			io.WriteString(w, `{"models":[{"slug":"gpt-5.5"}]}`)
+			return
+		}
+		fb.serve(w, r)
+	})
+	p := newProxy(t, fb)
+	resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+	if resp.StatusCode != 400 || !strings.Contains(body, "Instructions are not valid") ||
+		!strings.Contains(body, "use --instructions file:PATH") {
+		t.Errorf("%d %s; want 400 with the backend's message and the hint", resp.StatusCode, body)
+	}
+	if !strings.Contains(p.log.String(), "use --instructions file:PATH") {
+		t.Errorf("log lacks the hint:\n%s", p.log.String())
 	}
 }

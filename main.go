@@ -52,34 +52,33 @@ func main() {
 	os.Exit(exitCode(err, os.Stderr))
 }
 
-// exitStatus is returned by run when the message has already been printed
-// (auth status, flag errors) and only the process status remains to be set.
-type exitStatus int
+// exitError ends the program with code. A msg is a command-line mistake, printed with a
+// pointer to `ccproxy help`; without one the message has already been printed.
+type exitError struct {
+	code int
+	msg  string
+}
 
-func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+func (e *exitError) Error() string { return cmp.Or(e.msg, fmt.Sprintf("exit status %d", e.code)) }
 
-// usageError is a command-line mistake: it is printed with a pointer to
-// `ccproxy help` and exits 2.
-type usageError struct{ msg string }
+// exitStatus ends the program with code, the message already printed.
+func exitStatus(code int) error { return &exitError{code: code} }
 
-func (e *usageError) Error() string { return e.msg }
+// usagef is a command-line mistake: exit status 2.
+func usagef(format string, args ...any) error { return &exitError{2, fmt.Sprintf(format, args...)} }
 
-// usagef returns a usageError.
-func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
-
-// exitCode prints err the way the user should see it and returns the status.
-// Messages follow age's rule: a "ccproxy:" prefix, lower case, no period.
+// exitCode prints err the way the user should see it and returns the status. Messages follow
+// age's rule: a "ccproxy:" prefix, lower case, no period.
 func exitCode(err error, stderr io.Writer) int {
-	var st exitStatus
-	var ue *usageError
+	var ee *exitError
 	switch {
 	case err == nil:
 		return 0
-	case errors.As(err, &st):
-		return int(st)
-	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "ccproxy: %s\nrun `ccproxy help` for usage\n", ue.msg)
-		return 2
+	case errors.As(err, &ee) && ee.msg == "":
+		return ee.code
+	case errors.As(err, &ee):
+		fmt.Fprintf(stderr, "ccproxy: %s\nrun `ccproxy help` for usage\n", ee.msg)
+		return ee.code
 	default:
 		fmt.Fprintf(stderr, "ccproxy: %s\n", err)
 		return 1
@@ -156,12 +155,13 @@ var settings = []setting{
 
 // config is the validated configuration of `serve`.
 type config struct {
-	host, port      string
+	host            string
+	port            int
 	apiKey          secret
 	upstreamURL     string
 	authURL         string
 	reasoning       reasoningMode
-	instructions    string // auto, catalog, none, or file:PATH
+	instructions    instructions
 	sessionTTL      time.Duration
 	maxSessions     int
 	maxSessionBytes int64
@@ -171,6 +171,37 @@ type config struct {
 	home            string // $CCPROXY_HOME
 	authPath        string // the shared credential file
 	keepalive       time.Duration
+}
+
+// instructions is --instructions, parsed once: auto, catalog, none, or file:PATH with the
+// file's text.
+type instructions struct{ mode, path, text string }
+
+// UnmarshalText reads the mode, and the file of file:PATH.
+func (in *instructions) UnmarshalText(b []byte) error {
+	s := string(b)
+	path, isFile := strings.CutPrefix(s, "file:")
+	switch {
+	case isFile:
+		text, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		*in = instructions{"file", path, string(text)}
+	case s == "auto" || s == "catalog" || s == "none":
+		*in = instructions{mode: s}
+	default:
+		return errors.New("want auto, catalog, none or file:PATH")
+	}
+	return nil
+}
+
+// MarshalText returns the flag's form.
+func (in instructions) MarshalText() ([]byte, error) {
+	if in.mode == "file" {
+		return []byte("file:" + in.path), nil
+	}
+	return []byte(in.mode), nil
 }
 
 // resolved is one setting's effective value and where it came from.
@@ -285,92 +316,89 @@ func readConfigFile(home string) (configFile, error) {
 	return cf, nil
 }
 
-// parseServe resolves every setting (flag > env > config file > default) and
-// validates it. The resolved values come back even when one is invalid, so
-// `config show` can display them.
+// parseServe resolves every setting (flag > env > config file > default) and validates it. The
+// resolved values come back even when one is invalid, so `config show` can display them.
 func parseServe(args []string, getenv func(string) string, file configFile, stderr io.Writer) (config, []resolved, error) {
+	cfg := config{codexEnabled: file.codexEnabled, keepalive: keepaliveInterval}
 	fs := flag.NewFlagSet("ccproxy serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, serveUsage) }
-	flags := map[string]*string{}
-	for _, s := range settings {
-		flags[s.flag] = fs.String(s.flag, "", "")
-	}
+	fs.StringVar(&cfg.host, "host", "", "")
+	fs.IntVar(&cfg.port, "port", 0, "")
+	fs.StringVar((*string)(&cfg.apiKey), "api-key", "", "")
+	fs.StringVar(&cfg.upstreamURL, "upstream-url", "", "")
+	fs.StringVar(&cfg.authURL, "auth-url", "", "")
+	fs.TextVar(&cfg.reasoning, "reasoning", reasoningTags, "")
+	fs.TextVar(&cfg.instructions, "instructions", instructions{mode: "auto"}, "")
+	fs.DurationVar(&cfg.sessionTTL, "session-ttl", 0, "")
+	fs.IntVar(&cfg.maxSessions, "max-sessions", 0, "")
+	fs.Int64Var(&cfg.maxSessionBytes, "max-session-bytes", 0, "")
+	fs.StringVar(&cfg.logFormat, "log-format", "", "")
+	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return config{}, nil, exitStatus(0)
+			return cfg, nil, exitStatus(0)
 		}
-		return config{}, nil, exitStatus(2)
+		return cfg, nil, exitStatus(2) // fs has printed the error
 	}
 	if fs.NArg() > 0 {
-		return config{}, nil, usagef("serve takes no arguments, got %q", fs.Arg(0))
+		return cfg, nil, usagef("serve takes no arguments, got %q", fs.Arg(0))
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	val, src := map[string]string{}, map[string]string{}
 	var all []resolved
+	var bad error
 	for _, s := range settings {
+		r := resolved{s.flag, fs.Lookup(s.flag).Value.String(), "flag --" + s.flag}
 		switch {
 		case set[s.flag]:
-			val[s.flag], src[s.flag] = *flags[s.flag], "flag --"+s.flag
+			all = append(all, r)
+			continue
 		case getenv(s.env) != "":
-			val[s.flag], src[s.flag] = getenv(s.env), "env "+s.env
+			r.value, r.source = getenv(s.env), "env "+s.env
 		case file.values[s.flag] != "":
-			val[s.flag], src[s.flag] = file.values[s.flag], "config file"
+			r.value, r.source = file.values[s.flag], "config file"
 		default:
-			val[s.flag], src[s.flag] = s.def, "default"
+			r.value, r.source = s.def, "default"
 		}
-		all = append(all, resolved{s.flag, val[s.flag], src[s.flag]})
+		if err := fs.Set(s.flag, r.value); err != nil && bad == nil {
+			bad = usagef("invalid --%s %q (from %s): %v", s.flag, r.value, r.source, err)
+		}
+		all = append(all, r)
 	}
-	cfg := config{
-		host:         val["host"],
-		port:         val["port"],
-		apiKey:       secret(val["api-key"]),
-		upstreamURL:  strings.TrimRight(val["upstream-url"], "/"),
-		authURL:      strings.TrimRight(val["auth-url"], "/"),
-		reasoning:    reasoningMode(val["reasoning"]),
-		instructions: val["instructions"],
-		logFormat:    val["log-format"],
-		codexEnabled: file.codexEnabled,
-		keepalive:    keepaliveInterval,
+	cfg.upstreamURL, cfg.authURL = strings.TrimRight(cfg.upstreamURL, "/"), strings.TrimRight(cfg.authURL, "/")
+	if bad == nil {
+		bad = checkServe(&cfg, all)
 	}
+	return cfg, all, bad
+}
+
+// checkServe validates what the flag types do not.
+func checkServe(cfg *config, all []resolved) error {
 	bad := func(name, want string) error {
-		return usagef("invalid --%s %q (from %s): want %s", name, val[name], src[name], want)
+		i := slices.IndexFunc(all, func(r resolved) bool { return r.name == name })
+		return usagef("invalid --%s %q (from %s): want %s", name, all[i].value, all[i].source, want)
 	}
-	if p, err := strconv.Atoi(cfg.port); err != nil || p < 0 || p > 65535 {
-		return cfg, all, bad("port", "a number from 0 to 65535")
+	switch {
+	case cfg.port < 0 || cfg.port > 65535:
+		return bad("port", "a number from 0 to 65535")
+	case !strings.HasPrefix(cfg.upstreamURL, "http://") && !strings.HasPrefix(cfg.upstreamURL, "https://"):
+		return bad("upstream-url", "an http:// or https:// URL")
+	case !strings.HasPrefix(cfg.authURL, "http://") && !strings.HasPrefix(cfg.authURL, "https://"):
+		return bad("auth-url", "an http:// or https:// URL")
+	case cfg.sessionTTL <= 0:
+		return bad("session-ttl", "a positive duration such as 24h or 90m")
+	case cfg.maxSessions < 1:
+		return bad("max-sessions", "a positive number")
+	case cfg.maxSessionBytes < 1:
+		return bad("max-session-bytes", "a positive number of bytes")
+	case cfg.logFormat != "text" && cfg.logFormat != "json":
+		return bad("log-format", "text or json")
+	case cfg.apiKey == "" && !isLoopback(cfg.host):
+		return usagef("refusing to listen on %s without an API key: anyone who can reach it could use your "+
+			"ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1", cfg.host)
 	}
-	for _, name := range []string{"upstream-url", "auth-url"} {
-		if !strings.HasPrefix(val[name], "http://") && !strings.HasPrefix(val[name], "https://") {
-			return cfg, all, bad(name, "an http:// or https:// URL")
-		}
-	}
-	if !slices.Contains([]reasoningMode{reasoningTags, reasoningField, reasoningNone}, cfg.reasoning) {
-		return cfg, all, bad("reasoning", "tags, field or none")
-	}
-	if !slices.Contains([]string{"auto", "catalog", "none"}, cfg.instructions) && !strings.HasPrefix(cfg.instructions, "file:") {
-		return cfg, all, bad("instructions", "auto, catalog, none or file:PATH")
-	}
-	var err error
-	if cfg.sessionTTL, err = time.ParseDuration(val["session-ttl"]); err != nil || cfg.sessionTTL <= 0 {
-		return cfg, all, bad("session-ttl", "a positive duration such as 24h or 90m")
-	}
-	if cfg.maxSessions, err = strconv.Atoi(val["max-sessions"]); err != nil || cfg.maxSessions < 1 {
-		return cfg, all, bad("max-sessions", "a positive number")
-	}
-	if cfg.maxSessionBytes, err = strconv.ParseInt(val["max-session-bytes"], 10, 64); err != nil || cfg.maxSessionBytes < 1 {
-		return cfg, all, bad("max-session-bytes", "a positive number of bytes")
-	}
-	if cfg.logFormat != "text" && cfg.logFormat != "json" {
-		return cfg, all, bad("log-format", "text or json")
-	}
-	if err := cfg.logLevel.UnmarshalText([]byte(val["log-level"])); err != nil {
-		return cfg, all, bad("log-level", "debug, info, warn or error")
-	}
-	if cfg.apiKey == "" && !isLoopback(cfg.host) {
-		return cfg, all, usagef("refusing to listen on %s without an API key: anyone who can reach it could use your ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1", cfg.host)
-	}
-	return cfg, all, nil
+	return nil
 }
 
 // isLoopback reports whether host names only this machine.
@@ -526,14 +554,6 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 	defer stop()
 	logger := newLogger(stderr, cfg.logFormat, cfg.logLevel)
 
-	var fixedPrompt string
-	if path, ok := strings.CutPrefix(cfg.instructions, "file:"); ok {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return fmt.Errorf("read --instructions file: %w", err)
-		}
-		fixedPrompt = string(b)
-	}
 	// Token refreshes outlive any one request, so the auth client is built
 	// once here; it may use a whole-request timeout because it never streams.
 	auth := newAuthStore(cfg.authPath, cfg.authURL, &http.Client{Timeout: 30 * time.Second}, time.Now)
@@ -543,11 +563,11 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 	}
 	up := newUpstream(cfg.upstreamURL, auth, newUpstreamClient())
 	models := newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now)
-	handler := newServer(logger, cfg, auth, sessions, up, models, fixedPrompt)
+	handler := newServer(logger, cfg, auth, sessions, up, models)
 
-	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.host, cfg.port))
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
 	if err != nil {
-		return fmt.Errorf("listen on port %s: %w (is another server using it? choose another with --port)", cfg.port, err)
+		return fmt.Errorf("listen on port %d: %w (is another server using it? choose another with --port)", cfg.port, err)
 	}
 	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
 	if !isLoopback(cfg.host) {

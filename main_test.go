@@ -47,7 +47,9 @@ func TestRunCommands(t *testing.T) {
 		{"version", []string{"version"}, 0, "go1.", ""},
 		{"serve unknown flag", []string{"serve", "--bogus"}, 2, "", "flag provided but not defined: -bogus"},
 		{"serve -h", []string{"serve", "-h"}, 0, "", "--max-session-bytes"},
-		{"serve bad port", []string{"serve", "--port", "http"}, 2, "", `invalid --port "http" (from flag --port)`},
+		{"serve bad port", []string{"serve", "--port", "http"}, 2, "", `invalid value "http" for flag -port`},
+		{"serve bad port from env", []string{"serve", "CCPROXY_PORT=http"}, 2, "", `invalid --port "http" (from env CCPROXY_PORT)`},
+		{"serve bad instructions file", []string{"serve", "CCPROXY_INSTRUCTIONS=file:/nonexistent/prompt.md"}, 2, "", "/nonexistent/prompt.md"},
 		{"serve bad reasoning", []string{"serve", "--reasoning", "loud"}, 2, "", "want tags, field or none"},
 		{"serve stray argument", []string{"serve", "now"}, 2, "", "serve takes no arguments"},
 		{"public bind without key", []string{"serve", "--host", "0.0.0.0", "--port", "0"}, 2, "", "without an API key"},
@@ -56,7 +58,12 @@ func TestRunCommands(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			stdout, stderr, code := runCmd(t, testEnv(t), tc.args...)
+			env, args := testEnv(t), tc.args
+			for len(args) > 1 && strings.Contains(args[len(args)-1], "=") { // trailing NAME=value: environment
+				k, v, _ := strings.Cut(args[len(args)-1], "=")
+				env[k], args = v, args[:len(args)-1]
+			}
+			stdout, stderr, code := runCmd(t, env, args...)
 			if code != tc.wantCode {
 				t.Errorf("exit code %d; want %d (stderr %q)", code, tc.wantCode, stderr)
 			}

@@ -127,21 +127,21 @@ func validSessionID(id string) bool {
 	return id != "" && len(id) <= 128 && id != "." && id != ".." && strings.Trim(id, chars) == ""
 }
 
-// errSessionNotFound is the 404 for GET and DELETE /codex/sessions/{id}.
-func errSessionNotFound() *apiError {
-	return &apiError{status: 404, typ: "invalid_request_error", code: "session_not_found", message: "Session not found"}
+// errSessionNotFound is the error of GET and DELETE /codex/sessions/{id} for an unknown id.
+func errSessionNotFound() error {
+	return &apiError{kind: errNotFound, code: "session_not_found", msg: "Session not found"}
 }
 
 // errResponseNotFound is OpenAI's wording for an unknown previous_response_id.
-func errResponseNotFound(id string) *apiError {
-	return &apiError{status: 404, typ: "invalid_request_error", param: "previous_response_id",
-		code: "previous_response_not_found", message: fmt.Sprintf("Previous response with id '%s' not found.", id)}
+func errResponseNotFound(id string) error {
+	return &apiError{kind: errNotFound, param: "previous_response_id", code: "previous_response_not_found",
+		msg: fmt.Sprintf("Previous response with id '%s' not found.", id)}
 }
 
-// unreadable is the 500 for a session file that exists but cannot be used.
-// The file is left in place: it may be the only copy of someone's work.
-func unreadable(path string, err error) *apiError {
-	return &apiError{status: 500, typ: "api_error", code: "session_unreadable", message: fmt.Sprintf(
+// unreadable is the error of a session file that exists but cannot be used. The file is left
+// in place: it may be the only copy of someone's work.
+func unreadable(path string, err error) error {
+	return &apiError{kind: errStorage, code: "session_unreadable", cause: err, msg: fmt.Sprintf(
 		"session file %s is unreadable (%v); move it away or repair it to use this session id", path, err)}
 }
 
@@ -151,7 +151,7 @@ func unreadable(path string, err error) *apiError {
 // up with ctx.Err() when ctx ends.
 func (s *sessionStore) acquire(ctx context.Context, id string) (*session, error) {
 	if !validSessionID(id) {
-		return nil, invalidRequest("session_id", "invalid session id %q: use 1-128 characters from A-Z a-z 0-9 . _ : -", id)
+		return nil, invalid("session_id", "invalid session id %q: use 1-128 characters from A-Z a-z 0-9 . _ : -", id)
 	}
 	s.mu.Lock()
 	ss, err := s.enterLocked(id, true)
@@ -241,8 +241,8 @@ func (s *sessionStore) enterLocked(id string, create bool) (*session, error) {
 		for s.maxSessions > 0 && len(s.index) >= s.maxSessions {
 			oldest := s.oldestIdleLocked(false)
 			if oldest == nil {
-				return nil, &apiError{status: 429, typ: "rate_limit_error", code: "too_many_sessions", message: fmt.Sprintf(
-					"All %d sessions are busy; delete sessions with DELETE /codex/sessions/{id} or raise --max-sessions", s.maxSessions)}
+				return nil, &apiError{kind: errLimited, code: "too_many_sessions", msg: fmt.Sprintf("All %d sessions "+
+					"are busy; delete sessions with DELETE /codex/sessions/{id} or raise --max-sessions", s.maxSessions)}
 			}
 			if err := s.removeLocked(oldest); err != nil {
 				return nil, err
@@ -354,14 +354,17 @@ func (ss *session) id() string { return ss.sid }
 // client resending the whole history), then incoming as is. It returns a 413
 // apiError when the result would exceed maxBytes.
 func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) {
+	if ss == nil { // a request without a session
+		return incoming, nil
+	}
 	stored := ss.data.items
 	out := incoming
 	if len(stored) == 0 || !hasPrefix(incoming, stored) {
 		out = slices.Concat(stored, incoming)
 	}
 	if n := sizeOf(out); ss.st.maxBytes > 0 && n > ss.st.maxBytes {
-		return nil, &apiError{status: 413, typ: "invalid_request_error", code: "session_too_large", message: fmt.Sprintf(
-			"Session '%s' would grow to %d bytes, over the limit of %d; delete it with DELETE /codex/sessions/%s or start a new session",
+		return nil, &apiError{kind: errTooLarge, code: "session_too_large", msg: fmt.Sprintf("Session '%s' would "+
+			"grow to %d bytes, over the limit of %d; delete it with DELETE /codex/sessions/%s or start a new session",
 			ss.sid, n, ss.st.maxBytes, ss.sid)}
 	}
 	return out, nil
@@ -372,6 +375,19 @@ func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) 
 // before commit returns. On error the previous transcript stays intact in
 // memory and on disk.
 func (ss *session) commit(sent, output []json.RawMessage, responseID string) error {
+	if ss == nil {
+		return nil
+	}
+	if err := ss.save(sent, output, responseID); err != nil {
+		return &apiError{kind: errStorage, code: "session_not_saved", cause: err, msg: fmt.Sprintf("the answer "+
+			"could not be saved to session %q, which still holds the previous turns (%v); check the disk "+
+			"space and permissions of the sessions directory", ss.sid, err)}
+	}
+	return nil
+}
+
+// save writes the transcript of commit.
+func (ss *session) save(sent, output []json.RawMessage, responseID string) error {
 	s := ss.st
 	items := append(make([]json.RawMessage, 0, len(sent)+len(output)), sent...)
 	for _, it := range output {
@@ -412,6 +428,9 @@ func (ss *session) commit(sent, output []json.RawMessage, responseID string) err
 // release unlocks the session; a turn that never committed (failed,
 // cancelled) leaves the transcript unchanged.
 func (ss *session) release() {
+	if ss == nil {
+		return
+	}
 	ss.leave()
 	<-ss.lock
 }
@@ -534,8 +553,8 @@ func (s *sessionStore) delete(id string) error {
 		return err
 	}
 	if ss.users > 0 {
-		return &apiError{status: 409, typ: "invalid_request_error", code: "session_busy",
-			message: fmt.Sprintf("Session '%s' has a request in progress; retry the DELETE when it finishes", id)}
+		return &apiError{kind: errConflict, code: "session_busy",
+			msg: fmt.Sprintf("Session '%s' has a request in progress; retry the DELETE when it finishes", id)}
 	}
 	return s.removeLocked(ss)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -114,13 +115,26 @@ func texts(items []json.RawMessage) string {
 	return strings.Join(out, " | ")
 }
 
-// wantAPIError checks err is an *apiError with the given status and code.
-func wantAPIError(t *testing.T, err error, status int, code string) *apiError {
+// shown is what a client is told of an error.
+type shown struct {
+	status                    int
+	typ, code, param, message string
+	header                    http.Header
+}
+
+// show describes err as the client sees it.
+func show(err error) shown {
+	e := describe(err)
+	return shown{e.status, e.typ, e.code, e.param, err.Error(), e.header}
+}
+
+// wantAPIError checks that err reaches the client with the given status and code.
+func wantAPIError(t *testing.T, err error, status int, code string) shown {
 	t.Helper()
-	var ae *apiError
-	if !errors.As(err, &ae) {
-		t.Fatalf("err = %v; want *apiError %d %s", err, status, code)
+	if err == nil {
+		t.Fatalf("err = nil; want %d %s", status, code)
 	}
+	ae := show(err)
 	if ae.status != status || ae.code != code {
 		t.Fatalf("err = %d %s %q; want %d %s", ae.status, ae.code, ae.message, status, code)
 	}

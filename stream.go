@@ -9,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"os"
 	"runtime"
 	"strconv"
 	"strings"
@@ -124,51 +126,51 @@ func (s *sseReader) line() ([]byte, error) {
 // writer can coalesce the flush of events that came together.
 func (s *sseReader) buffered() bool { return len(s.pending) > 0 || s.r.Buffered() > 0 }
 
-// sseWriter writes server-sent events to the client. Every event is written
-// whole; flush pushes them to the network. While the writer is idle it sends a
-// ": keepalive" comment every interval, so clients and intermediaries do not
-// give up during long reasoning.
+// sseWriter writes server-sent events to the client. Every event is written whole; flush pushes
+// them to the network. The response begins (status and headers) with the first event, so a
+// request that fails before it still gets a proper HTTP error. Once the backend's stream is
+// open, the writer sends a ": keepalive" comment after every interval of silence, so clients
+// and intermediaries do not give up during long reasoning.
 type sseWriter struct {
 	mu       sync.Mutex
 	w        http.ResponseWriter
 	rc       *http.ResponseController
 	buf      []byte
-	err      error // first write error: the client is gone
-	done     bool
+	err      error // the first write error: the client is gone
+	started  bool  // the status and headers are sent
+	done     bool  // close was called: no more keepalives
 	interval time.Duration
 	idle     *time.Timer
 }
 
-// startSSE sends the response headers and starts the keepalive timer. The
-// caller must call close before the handler returns.
-func startSSE(w http.ResponseWriter, interval time.Duration) *sseWriter {
-	h := w.Header()
+// newSSEWriter returns a writer that has sent nothing yet.
+func newSSEWriter(w http.ResponseWriter, interval time.Duration) *sseWriter {
+	return &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval}
+}
+
+// startLocked sends the status and the event-stream headers.
+func (s *sseWriter) startLocked() {
+	h := s.w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no") // keeps reverse proxies such as nginx from buffering
-	w.WriteHeader(http.StatusOK)
-	s := &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval}
-	s.mu.Lock() // the timer may fire before s.idle is set
-	defer s.mu.Unlock()
-	s.err = s.rc.Flush()
-	s.idle = time.AfterFunc(interval, s.keepalive)
-	return s
+	s.w.WriteHeader(http.StatusOK)
+	s.started = true
 }
 
 // keepalive runs on the timer's goroutine.
 func (s *sseWriter) keepalive() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done || s.err != nil {
-		return
+	if !s.done && s.err == nil {
+		s.writeLocked([]byte(": keepalive\n\n"))
+		s.flushLocked()
 	}
-	s.writeLocked([]byte(": keepalive\n\n"))
-	s.flushLocked()
 }
 
-// event writes one event; name may be empty. data containing newlines is
-// split over several data lines, as the format requires.
-func (s *sseWriter) event(name string, data []byte) error {
+// event writes one event; name may be empty. data containing newlines is split over several
+// data lines, as the format requires.
+func (s *sseWriter) event(name string, data []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	b := s.buf[:0]
@@ -184,48 +186,59 @@ func (s *sseWriter) event(name string, data []byte) error {
 		data = rest
 	}
 	s.buf = append(b, '\n')
-	return s.writeLocked(s.buf)
+	s.writeLocked(s.buf)
 }
 
 // flush sends what has been written and restarts the keepalive clock.
-func (s *sseWriter) flush() error {
+func (s *sseWriter) flush() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.flushLocked()
+	if s.started {
+		s.flushLocked()
+	}
+	if s.idle == nil && !s.done {
+		s.idle = time.AfterFunc(s.interval, s.keepalive)
+	}
 }
 
-func (s *sseWriter) writeLocked(b []byte) error {
+func (s *sseWriter) writeLocked(b []byte) {
+	if !s.started {
+		s.startLocked()
+	}
 	if s.err == nil {
 		_, s.err = s.w.Write(b)
 	}
-	return s.err
 }
 
-func (s *sseWriter) flushLocked() error {
+func (s *sseWriter) flushLocked() {
 	if s.err == nil {
 		s.err = s.rc.Flush()
+	}
+	if s.idle != nil {
 		s.idle.Reset(s.interval)
 	}
-	return s.err
 }
 
-// close stops the keepalives; nothing is written after it returns.
-func (s *sseWriter) close() {
+// close stops the keepalives and reports whether the response had begun.
+func (s *sseWriter) close() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.done = true
-	s.idle.Stop()
+	if s.idle != nil {
+		s.idle.Stop()
+	}
+	return s.started
 }
 
-// tokenSource supplies the bearer token and ChatGPT account id; authStore is
-// the real one. rejected is a token the backend just answered 401 to.
+// tokenSource supplies the bearer token and ChatGPT account id; authStore is the real one.
+// rejected is a token the backend just answered 401 to.
 type tokenSource interface {
 	token(ctx context.Context, rejected string) (secret, string, error)
 }
 
-// The Codex CLI version whose requests ccproxy reproduces (codex-backend.md
-// §0). The backend uses originator and version for analytics and routing;
-// none is known to be validated, but matching the CLI avoids surprises.
+// The Codex CLI version whose requests ccproxy reproduces. The backend uses originator and
+// version for analytics and routing; none is known to be validated, but matching the CLI
+// avoids surprises (codex-rs/login/src/auth/default_client.rs).
 const (
 	codexVersion    = "0.169.0"
 	codexOriginator = "codex_cli_rs"
@@ -247,16 +260,16 @@ type upstream struct {
 func newUpstream(base string, auth tokenSource, client *http.Client) *upstream {
 	return &upstream{
 		base: base, auth: auth, client: client, now: time.Now,
-		// The Codex CLI retries 4 times from 200 ms (codex-backend.md §5.1);
+		// The Codex CLI retries 4 times from 200 ms (codex-rs/core/src/model_provider_info.rs);
 		// an interactive proxy gives up a little sooner.
 		retries: 3, backoff: 200 * time.Millisecond,
 		agent: fmt.Sprintf("%s/%s (%s; %s) ccproxy", codexOriginator, codexVersion, runtime.GOOS, runtime.GOARCH),
 	}
 }
 
-// newUpstreamClient returns the HTTP client for the backend. It has no
-// Client.Timeout, which "includes … reading the response body" and would cut
-// long streams; ResponseHeaderTimeout and the request context bound it.
+// newUpstreamClient returns the HTTP client for the backend. It has no Client.Timeout, which
+// "includes … reading the response body" and would cut long streams; ResponseHeaderTimeout and
+// the request context bound it.
 func newUpstreamClient() *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.ResponseHeaderTimeout = 2 * time.Minute
@@ -264,77 +277,85 @@ func newUpstreamClient() *http.Client {
 	return &http.Client{Transport: t}
 }
 
-// do sends one request to the backend and returns a 2xx or 304 response. A
-// 401 is retried once with a refreshed token; 5xx and transport errors are
-// retried with backoff (honouring Retry-After) before any byte reached the
-// client. Other failures become an *apiError carrying the backend's message.
+// send posts one turn's request.
+func (u *upstream) send(ctx context.Context, req *request) (*http.Response, error) {
+	return u.do(ctx, http.MethodPost, "/responses", req.body, req.header)
+}
+
+// do sends one request to the backend and returns a 2xx or 304 response. A 401 is retried once
+// with a refreshed token; 5xx and transport errors are retried with backoff (honouring
+// Retry-After) before any byte reached the client. Other failures are an *upstreamError.
 func (u *upstream) do(ctx context.Context, method, path string, body []byte, header http.Header) (*http.Response, error) {
 	rejected := ""
-	for attempt := 0; ; {
-		tok, account, err := u.auth.token(ctx, rejected)
-		if err != nil && !errors.Is(err, errLoginRequired) && ctx.Err() == nil {
-			err = &apiError{status: 502, typ: "api_error", code: "token_refresh_failed",
-				message: "could not refresh the ChatGPT token (" + err.Error() + "); try again, or run `ccproxy auth login-openai`"}
-		}
-		if err != nil {
-			return nil, err
-		}
-		req, err := http.NewRequestWithContext(ctx, method, u.base+path, bytes.NewReader(body))
-		if err != nil {
-			return nil, err
-		}
-		for k, v := range header {
-			req.Header[k] = v
-		}
-		req.Header.Set("Authorization", "Bearer "+string(tok))
-		req.Header.Set("Chatgpt-Account-Id", account)
-		req.Header.Set("Originator", codexOriginator)
-		req.Header.Set("Version", codexVersion)
-		req.Header.Set("User-Agent", u.agent)
-		if body != nil {
-			req.Header.Set("Content-Type", "application/json")
-		}
-		resp, err := u.client.Do(req)
+	for attempt := 0; ; attempt++ {
+		resp, tok, err := u.try(ctx, method, path, body, header, rejected)
 		var delay time.Duration
 		switch {
-		case err != nil && ctx.Err() != nil:
-			return nil, ctx.Err()
-		case err != nil:
-			if attempt >= u.retries {
-				return nil, &apiError{status: 502, typ: "api_error", code: "upstream_unreachable",
-					message: fmt.Sprintf("could not reach the Codex backend after %d attempts: %v", attempt+1, err)}
-			}
+		case err != nil && (ctx.Err() != nil || !errors.Is(err, errUnreachable)):
+			return nil, err
+		case err != nil && attempt < u.retries:
 			delay = u.backoff << attempt
+		case err != nil:
+			return nil, fmt.Errorf("after %d attempts: %w", attempt+1, err)
 		case resp.StatusCode < 300 || resp.StatusCode == http.StatusNotModified:
 			u.remember(resp.Header)
 			return resp, nil
 		case resp.StatusCode == http.StatusUnauthorized && rejected == "":
 			drain(resp)
-			rejected = string(tok)
+			rejected, attempt = string(tok), attempt-1
 			continue
 		case resp.StatusCode >= 500 && attempt < u.retries:
 			delay = u.backoff << attempt
-			if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
-				delay = time.Duration(s) * time.Second
-			}
 			drain(resp)
-			if delay > 30*time.Second {
-				return nil, &apiError{status: 502, typ: "api_error", code: "upstream_unavailable",
-					message: fmt.Sprintf("the Codex backend is unavailable (HTTP %d) and asks to retry in %s", resp.StatusCode, delay)}
+			if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
+				if delay = time.Duration(s) * time.Second; delay > 30*time.Second {
+					return nil, &apiError{kind: errBackend, code: "upstream_unavailable", msg: fmt.Sprintf(
+						"the Codex backend is unavailable (HTTP %d) and asks to retry in %s", resp.StatusCode, delay)}
+				}
 			}
 		default:
 			u.remember(resp.Header)
-			return nil, u.failure(resp)
+			return nil, u.refusal(resp)
 		}
-		attempt++
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		case <-t.C:
+		if err := sleepCtx(ctx, delay); err != nil {
+			return nil, err
 		}
 	}
+}
+
+// errUnreachable marks a transport failure, which do retries.
+var errUnreachable = errors.New("could not reach the Codex backend")
+
+// try makes one attempt with the current token, returned so that a 401 can name it.
+func (u *upstream) try(ctx context.Context, method, path string, body []byte, header http.Header,
+	rejected string) (*http.Response, secret, error) {
+	tok, account, err := u.auth.token(ctx, rejected)
+	if err != nil && !errors.Is(err, errLoginRequired) && ctx.Err() == nil {
+		err = &apiError{kind: errBackend, code: "token_refresh_failed", cause: err, msg: "could not refresh " +
+			"the ChatGPT token (" + err.Error() + "); try again, or run `ccproxy auth login-openai`"}
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u.base+path, bytes.NewReader(body))
+	if err != nil {
+		return nil, "", err
+	}
+	maps.Copy(req.Header, header)
+	req.Header.Set("Authorization", "Bearer "+string(tok))
+	req.Header.Set("Chatgpt-Account-Id", account)
+	req.Header.Set("Originator", codexOriginator)
+	req.Header.Set("Version", codexVersion)
+	req.Header.Set("User-Agent", u.agent)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := u.client.Do(req)
+	if err != nil && ctx.Err() == nil {
+		err = &apiError{kind: errBackend, code: "upstream_unreachable", cause: errUnreachable,
+			msg: "could not reach the Codex backend: " + err.Error()}
+	}
+	return resp, tok, err
 }
 
 // drain discards a small body so the connection can be reused, and closes it.
@@ -350,86 +371,208 @@ func (u *upstream) remember(h http.Header) {
 	}
 }
 
-// codexHeaders returns the x-codex-* headers of h (codex-backend.md §5.2).
+// codexHeaders returns the x-codex-* headers of h: the rate-limit snapshot the backend sends
+// with every answer (codex-rs/codex-api/src/rate_limits.rs).
 func codexHeaders(h http.Header) http.Header {
-	var c http.Header
+	c := http.Header{}
 	for k, v := range h {
 		if strings.HasPrefix(k, "X-Codex-") {
-			if c == nil {
-				c = http.Header{}
-			}
 			c[k] = v
 		}
 	}
 	return c
 }
 
-// failure turns a backend error response into the client's error. Bodies come
-// as {"detail":"…"} (gateway validation) or {"error":{…}} (model and usage
-// errors); the message is relayed verbatim (codex-backend.md §3.4, §5).
-func (u *upstream) failure(resp *http.Response) *apiError {
+// upstreamError is an error answer of the backend: its status, the fields of its body, and the
+// headers worth passing on. The message is the backend's own, relayed verbatim.
+type upstreamError struct {
+	status           int
+	typ, code, param string
+	msg              string
+	header           http.Header // Retry-After and the x-codex-* headers
+}
+
+func (e *upstreamError) Error() string { return e.msg }
+
+// refusal reads a backend error answer. Bodies come as {"detail":"…"} (gateway validation)
+// or {"error":{…}} (model and usage errors).
+func (u *upstream) refusal(resp *http.Response) *upstreamError {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	var body struct {
 		Detail any `json:"detail"`
 		Error  struct {
-			Message         string `json:"message"`
-			Type            string `json:"type"`
-			Code            any    `json:"code"`
-			Param           string `json:"param"`
-			PlanType        string `json:"plan_type"`
-			ResetsAt        int64  `json:"resets_at"`
-			ResetsInSeconds int64  `json:"resets_in_seconds"`
+			Message, Type, Param string
+			Code                 any
+			PlanType             string `json:"plan_type"`
+			ResetsAt             int64  `json:"resets_at"`
+			ResetsInSeconds      int64  `json:"resets_in_seconds"`
 		} `json:"error"`
 	}
 	json.Unmarshal(b, &body)
 	e := body.Error
 	code, _ := e.Code.(string)
-	msg := e.Message
-	if msg == "" && body.Detail != nil {
-		msg = fmt.Sprint(body.Detail)
+	out := &upstreamError{status: resp.StatusCode, typ: e.Type, code: code, param: e.Param, msg: e.Message,
+		header: codexHeaders(resp.Header)}
+	if out.msg == "" && body.Detail != nil {
+		out.msg = fmt.Sprint(body.Detail)
 	}
-	if msg == "" {
-		msg = strings.TrimSpace(string(b[:min(len(b), 200)]))
-		if strings.Contains(msg, "<html") || strings.Contains(msg, "<!DOCTYPE") {
-			msg = "an HTML page (probably Cloudflare blocking this network)"
+	if out.msg == "" {
+		out.msg = strings.TrimSpace(string(b[:min(len(b), 200)]))
+		if strings.Contains(out.msg, "<html") || strings.Contains(out.msg, "<!DOCTYPE") {
+			out.msg = "an HTML page (probably Cloudflare blocking this network)"
 		}
 	}
-	out := &apiError{status: resp.StatusCode, typ: "invalid_request_error", code: code, param: e.Param,
-		header: codexHeaders(resp.Header)}
-	if e.Type != "" && e.Type != "usage_limit_reached" && e.Type != "usage_not_included" {
-		out.typ = e.Type
+	if ra := resp.Header.Get("Retry-After"); ra != "" {
+		out.header.Set("Retry-After", ra)
 	}
-	if out.header == nil {
-		out.header = http.Header{}
+	if strings.HasPrefix(e.Type, "usage_") { // usage_limit_reached, usage_not_included: codes, not types
+		out.typ, out.code = "", cmp.Or(code, e.Type)
 	}
 	switch {
-	case resp.StatusCode == http.StatusTooManyRequests && (e.Type == "usage_limit_reached" || code == "usage_limit_reached"):
+	case resp.StatusCode == http.StatusTooManyRequests && out.code == "usage_limit_reached":
+		// The 2026 body has resets_at; 2025 bodies had resets_in_seconds.
 		wait := e.ResetsInSeconds
 		if wait <= 0 && e.ResetsAt > 0 {
 			wait = e.ResetsAt - u.now().Unix()
 		}
-		out.typ, out.code = "rate_limit_error", "usage_limit_reached"
-		out.message = fmt.Sprintf("ChatGPT usage limit reached (plan %s)", cmp.Or(e.PlanType, "unknown"))
-		if wait > 0 {
+		out.msg = fmt.Sprintf("ChatGPT usage limit reached (plan %s)", cmp.Or(e.PlanType, "unknown"))
+		if d := time.Duration(wait) * time.Second; wait > 0 {
 			out.header.Set("Retry-After", strconv.FormatInt(wait, 10))
-			reset := u.now().Add(time.Duration(wait) * time.Second).UTC()
-			out.message += fmt.Sprintf("; it resets at %s (in %s)", reset.Format(time.RFC3339), (time.Duration(wait) * time.Second).String())
+			out.msg += fmt.Sprintf("; it resets at %s (in %s)", u.now().Add(d).UTC().Format(time.RFC3339), d)
 		}
 	case resp.StatusCode == http.StatusTooManyRequests:
-		out.typ = "rate_limit_error"
-		out.message = "the Codex backend is rate limiting: " + msg
-		if ra := resp.Header.Get("Retry-After"); ra != "" {
-			out.header.Set("Retry-After", ra)
-		}
+		out.msg = "the Codex backend is rate limiting: " + out.msg
 	case resp.StatusCode == http.StatusUnauthorized:
-		out.typ = "authentication_error"
-		out.message = "the Codex backend rejected the credentials even after a refresh (" + msg + "): run `ccproxy auth login-openai`"
+		out.msg = "the Codex backend rejected the credentials even after a refresh (" + out.msg +
+			"): run `ccproxy auth login-openai`"
 	case resp.StatusCode >= 500:
-		out.status, out.typ = http.StatusBadGateway, "api_error"
-		out.message = fmt.Sprintf("the Codex backend failed (HTTP %d): %s", resp.StatusCode, msg)
-	default:
-		out.message = msg
+		out.msg = fmt.Sprintf("the Codex backend failed (HTTP %d): %s", resp.StatusCode, out.msg)
 	}
 	return out
+}
+
+// readTurn reads one backend stream into t, passing every event and piece to out, and asking
+// out to flush whenever no more upstream bytes are waiting. It returns at the terminal event
+// (nothing follows it, so it does not wait for EOF), or with the turn's failure.
+func readTurn(body io.Reader, t *turn, out renderer) error {
+	rd := newSSEReader(body)
+	var ev event
+	out.flush() // the backend's stream is open: silence from now on earns keepalives
+	for {
+		name, data, err := rd.next()
+		if errors.Is(err, io.EOF) {
+			err = errors.New("stream closed before response.completed")
+		}
+		if err != nil && !errors.Is(err, context.Canceled) { // canceled: the client left
+			return &apiError{kind: errBackend, code: "upstream_stream_error", cause: err,
+				msg: "the Codex backend stream broke: " + err.Error()}
+		}
+		if err != nil {
+			return err
+		}
+		ev.decode(name, data)
+		t.add(&ev, out.piece)
+		out.event(&ev)
+		if t.err != nil || t.done {
+			return t.err
+		}
+		if !rd.buffered() {
+			out.flush()
+		}
+	}
+}
+
+// catalogModel is the part of a backend catalog entry ccproxy uses (GET {upstream}/models).
+type catalogModel struct {
+	Slug             string `json:"slug"`
+	DisplayName      string `json:"display_name,omitempty"`
+	Visibility       string `json:"visibility,omitempty"`
+	BaseInstructions string `json:"base_instructions,omitempty"`
+}
+
+// fallbackModels is served when the catalog has never been fetched.
+var fallbackModels = []catalogModel{{Slug: "gpt-5.5"}, {Slug: "gpt-5.4"}, {Slug: "gpt-5.4-mini"}}
+
+// catalog is the backend's model list, GET {upstream}/models, cached in
+// memory for an hour and on disk (models.json) with its ETag.
+type catalog struct {
+	up      *upstream
+	path    string
+	now     func() time.Time
+	mu      sync.Mutex
+	etag    string
+	models  []catalogModel
+	checked time.Time
+}
+
+// newCatalog returns a catalog cached at path.
+func newCatalog(up *upstream, path string, now func() time.Time) *catalog {
+	return &catalog{up: up, path: path, now: now}
+}
+
+// cachedCatalog is the models.json layout.
+type cachedCatalog struct {
+	ETag   string         `json:"etag"`
+	Models []catalogModel `json:"models"`
+}
+
+// list returns the models, refreshing the cache when it is an hour old.
+// Without any catalog it returns the built-in fallback and the fetch error.
+func (c *catalog) list(ctx context.Context) ([]catalogModel, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.models == nil {
+		if b, err := os.ReadFile(c.path); err == nil {
+			var cc cachedCatalog
+			if json.Unmarshal(b, &cc) == nil {
+				c.etag, c.models = cc.ETag, cc.Models
+			}
+		}
+	}
+	if c.models != nil && c.now().Sub(c.checked) < time.Hour {
+		return c.models, nil
+	}
+	err := c.fetch(ctx)
+	if c.models == nil {
+		return fallbackModels, err
+	}
+	return c.models, nil
+}
+
+// fetch asks the backend for the catalog, conditionally on the ETag.
+func (c *catalog) fetch(ctx context.Context) error {
+	h := http.Header{"Accept": {"application/json"}}
+	if c.etag != "" && c.models != nil {
+		h.Set("If-None-Match", c.etag)
+	}
+	resp, err := c.up.do(ctx, http.MethodGet, "/models?client_version="+codexVersion, nil, h)
+	if err != nil {
+		return fmt.Errorf("fetch model catalog: %w", err)
+	}
+	defer resp.Body.Close()
+	c.checked = c.now()
+	if resp.StatusCode == http.StatusNotModified {
+		return nil
+	}
+	var cc cachedCatalog
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(&cc); err != nil || len(cc.Models) == 0 {
+		return fmt.Errorf("fetch model catalog: unexpected reply (%v)", err)
+	}
+	cc.ETag = resp.Header.Get("Etag")
+	c.etag, c.models = cc.ETag, cc.Models
+	b, _ := json.Marshal(cc)
+	return writeFileAtomic(c.path, b)
+}
+
+// instructions returns the model's base_instructions from the catalog.
+func (c *catalog) instructions(ctx context.Context, model string) (string, error) {
+	models, err := c.list(ctx)
+	for _, m := range models {
+		if m.Slug == model && m.BaseInstructions != "" {
+			return m.BaseInstructions, nil
+		}
+	}
+	return "", &apiError{kind: errBackend, code: "instructions_unavailable", msg: fmt.Sprintf("the backend wants "+
+		"instructions for %q but the model catalog has none for it (%v); use --instructions file:PATH", model, err)}
 }

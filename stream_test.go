@@ -70,7 +70,7 @@ func TestSSEWriterFlushAndKeepalive(t *testing.T) {
 	sawEvent := make(chan struct{})
 	sawKeepalive := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		sw := startSSE(&statusWriter{ResponseWriter: w}, 10*time.Millisecond)
+		sw := newSSEWriter(&statusWriter{ResponseWriter: w}, 10*time.Millisecond)
 		defer sw.close()
 		sw.event("", []byte(`{"n":1}`))
 		sw.flush()
@@ -187,10 +187,7 @@ func TestUpstreamDo(t *testing.T) {
 			var h http.Header
 			var msg string
 			if err != nil {
-				var ae *apiError
-				if !errors.As(err, &ae) {
-					t.Fatalf("error %v is not an *apiError", err)
-				}
+				ae := show(err)
 				status, h, msg = ae.status, ae.header, ae.message
 			} else {
 				status, h = resp.StatusCode, resp.Header
@@ -221,8 +218,7 @@ func TestUpstreamTransportError(t *testing.T) {
 	up := newUpstream(url, &fakeTokens{}, http.DefaultClient)
 	up.backoff = time.Millisecond
 	_, err := up.do(context.Background(), "GET", "/models", nil, nil)
-	var ae *apiError
-	if !errors.As(err, &ae) || ae.status != 502 || !strings.Contains(ae.message, "after 4 attempts") {
+	if ae := show(err); ae.status != 502 || !strings.Contains(ae.message, "after 4 attempts") {
 		t.Errorf("err = %v; want a 502 after 4 attempts", err)
 	}
 }

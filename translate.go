@@ -1,3 +1,8 @@
+// This file holds the pure translations: a client request (Chat Completions or
+// Responses) becomes a call, a call becomes the one upstream request, backend
+// events become a turn, and a turn becomes each client API's answer. Nothing
+// here does I/O or reads a clock: ids and times are passed in.
+
 package main
 
 import (
@@ -6,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"reflect"
 	"slices"
 	"strconv"
@@ -16,72 +22,73 @@ import (
 // reasoningMode is how reasoning summaries appear in chat completions (--reasoning).
 type reasoningMode string
 
-// The --reasoning values (SPEC §2).
+// The --reasoning values.
 const (
 	reasoningTags  reasoningMode = "tags"
 	reasoningField reasoningMode = "field"
 	reasoningNone  reasoningMode = "none"
 )
 
-// upstreamRequest is the body of POST {upstream}/responses.
-type upstreamRequest struct {
-	Model             string            `json:"model"`
-	Instructions      *string           `json:"instructions,omitempty"`
-	Input             []json.RawMessage `json:"input"`
-	Tools             []json.RawMessage `json:"tools"` // never nil: Codex always sends []
-	ToolChoice        json.RawMessage   `json:"tool_choice,omitempty"`
-	ParallelToolCalls *bool             `json:"parallel_tool_calls,omitempty"`
-	Reasoning         json.RawMessage   `json:"reasoning,omitempty"`
-	Store             bool              `json:"store"`  // always false: the backend 400s otherwise (codex-backend §3.4)
-	Stream            bool              `json:"stream"` // always true: the backend only streams (§3.4)
-	Include           []string          `json:"include,omitempty"`
-	PromptCacheKey    string            `json:"prompt_cache_key,omitempty"` // set later by the handler (session id)
-	Text              json.RawMessage   `json:"text,omitempty"`
-	ClientMetadata    json.RawMessage   `json:"client_metadata,omitempty"`
+// UnmarshalText accepts the three modes, so the flag parser checks them.
+func (m *reasoningMode) UnmarshalText(b []byte) error {
+	if s := reasoningMode(b); s == reasoningTags || s == reasoningField || s == reasoningNone {
+		*m = s
+		return nil
+	}
+	return errors.New("want tags, field or none")
 }
 
-// chatCall is a Chat Completions request translated for the backend.
-type chatCall struct {
-	req          upstreamRequest
-	ignored      []string // top-level parameters not sent upstream, sorted (for the X-Ccproxy-Ignored-Params header)
-	stream       bool
-	includeUsage bool // stream_options.include_usage
-	jsonMode     bool // response_format asks for JSON: never reasoning tags
-}
-
-// responsesCall is a native Responses request normalized for the backend.
-type responsesCall struct {
-	req                upstreamRequest
-	ignored            []string
-	stream             bool
-	previousResponseID string // emulated by the session layer; never sent upstream
-	chatBody           bool   // "messages" and no "input": a chat request (SPEC §5.2); nothing else is set
-}
+// MarshalText returns the mode's name.
+func (m reasoningMode) MarshalText() ([]byte, error) { return []byte(m), nil }
 
 // encryptedReasoning is the include value that makes the backend return reasoning items it
-// can read back with store=false; sessions replay them (codex-backend §4 (b)).
+// can read back with store=false, so a later turn can carry them.
 const encryptedReasoning = "reasoning.encrypted_content"
+
+// call is one client request in the backend's terms, whichever API it came in.
+type call struct {
+	chat         bool     // answer in Chat Completions format
+	stream       bool     // the client asked for a stream
+	includeUsage bool     // chat: stream_options.include_usage
+	jsonMode     bool     // chat: response_format asks for JSON, so never reasoning tags
+	ignored      []string // members not sent upstream, sorted (X-Ccproxy-Ignored-Params)
+	previousID   string   // previous_response_id: the session store expands it
+
+	model        string
+	input        []json.RawMessage
+	instructions *string // the client's system prompt, when it came as "instructions"
+	tools        []json.RawMessage
+	toolChoice   json.RawMessage
+	parallel     *bool
+	reasoning    object
+	text         json.RawMessage
+	include      []string
+	cacheKey     string
+	metadata     json.RawMessage
+	header       http.Header // the client's headers that travel upstream
+}
 
 // object is a JSON object decoded one level deep.
 type object map[string]json.RawMessage
 
-// chatParams are the Chat Completions parameters parseChat translates (n is only checked).
+// chatParams are the Chat Completions members parseChat translates (n is only checked).
 var chatParams = []string{"model", "messages", "stream", "stream_options", "tools", "tool_choice",
 	"parallel_tool_calls", "response_format", "reasoning_effort", "verbosity"}
 
-// responsesParams are the Responses parameters parseResponses keeps or consumes.
-var responsesParams = []string{"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
-	"reasoning", "text", "include", "prompt_cache_key", "client_metadata", "stream", "previous_response_id"}
+// responsesParams are the Responses members parseResponses keeps or consumes.
+var responsesParams = []string{"model", "input", "instructions", "tools", "tool_choice",
+	"parallel_tool_calls", "reasoning", "text", "include", "prompt_cache_key", "client_metadata",
+	"stream", "previous_response_id"}
 
 // decodeBody decodes a request body, which must be a JSON object, into v. It returns the
-// non-null members outside known, sorted: they are not sent upstream, so nothing unknown
-// reaches a backend that 400s on "Unsupported parameter" (codex-backend §3.4), but the client
-// is told. store:false is not listed: it is exactly what upstream gets anyway.
+// non-null members outside known, sorted: they are not sent upstream, because the backend
+// answers anything it does not know with 400 "Unsupported parameter", but the client is told.
+// store:false is not listed: it is what the backend gets anyway.
 func decodeBody(body []byte, known []string, v any) ([]string, error) {
 	var o object
 	if json.Unmarshal(body, &o) != nil || o == nil {
-		// OpenAI answers a body it cannot parse with param null; there is no parameter to name.
-		return nil, invalidRequest("", "We could not parse the JSON body of your request: expected a JSON object.")
+		// OpenAI answers a body it cannot parse with param null: there is no parameter to name.
+		return nil, invalid("", "We could not parse the JSON body of your request: expected a JSON object.")
 	}
 	var ignored []string
 	for k, raw := range o {
@@ -97,21 +104,21 @@ func decodeBody(body []byte, known []string, v any) ([]string, error) {
 var jsonKinds = map[reflect.Kind]string{reflect.String: "a string", reflect.Bool: "a boolean",
 	reflect.Int: "an integer", reflect.Slice: "an array", reflect.Struct: "an object"}
 
-// decodeParam unmarshals raw into v. A member of the wrong type is a 400 naming it, param plus the
-// path encoding/json reports, the way OpenAI names parameters ("stream_options.include_usage").
+// decodeParam unmarshals raw into v. A member of the wrong type is a 400 naming it, param plus
+// the path encoding/json reports, as OpenAI names them ("stream_options.include_usage").
 func decodeParam(raw []byte, param string, v any) error {
 	var te *json.UnmarshalTypeError
 	if err := json.Unmarshal(raw, v); errors.As(err, &te) {
 		param = strings.Trim(param+"."+te.Field, ".")
-		return invalidRequest(param, "Invalid type for '%s': expected %s.", param, cmp.Or(jsonKinds[te.Type.Kind()], te.Type.String()))
+		kind := cmp.Or(jsonKinds[te.Type.Kind()], te.Type.String())
+		return invalid(param, "Invalid type for '%s': expected %s.", param, kind)
 	} else if err != nil {
-		return invalidRequest(param, "We could not parse the JSON body of your request.")
+		return invalid(param, "We could not parse the JSON body of your request.")
 	}
 	return nil
 }
 
-// isNull reports whether a member decoded into a RawMessage is absent or null (encoding/json
-// hands a RawMessage the value without surrounding space).
+// isNull reports whether a member decoded into a RawMessage is absent or null.
 func isNull(raw json.RawMessage) bool { return len(raw) == 0 || string(raw) == "null" }
 
 // marshal encodes v without HTML escaping (the bytes go to APIs, not to browsers).
@@ -119,28 +126,29 @@ func marshal(v any) json.RawMessage {
 	var b bytes.Buffer
 	enc := json.NewEncoder(&b)
 	enc.SetEscapeHTML(false)
-	// Only structs, strings, maps and already-valid RawMessages are encoded here: no error is possible.
+	// Only structs, strings, maps and already-valid RawMessages are encoded here.
 	_ = enc.Encode(v)
 	return bytes.TrimSuffix(b.Bytes(), []byte("\n"))
 }
 
-// one encodes a single item.
-func one(v any) []json.RawMessage { return []json.RawMessage{marshal(v)} }
-
-// baseRequest fills the members the backend insists on (codex-backend §0, §3.3, §3.4) and
-// returns the effort a model-name suffix asks for.
-func baseRequest(model string) (upstreamRequest, string, error) {
-	if model == "" {
-		return upstreamRequest{}, "", invalidRequest("model", "Missing required parameter: 'model'.")
-	}
-	base, effort := splitEffort(model)
-	return upstreamRequest{Model: base, Input: []json.RawMessage{}, Tools: []json.RawMessage{},
-		Store: false, Stream: true, Include: []string{encryptedReasoning}}, effort, nil
+// invalid is the 400 for a request the client must fix, naming the parameter.
+func invalid(param, format string, args ...any) error {
+	return &apiError{kind: errInvalid, param: param, msg: fmt.Sprintf(format, args...)}
 }
 
-// splitEffort removes a reasoning-effort suffix from a model name, as peers accept
-// (codex-backend §3.5): "-high" style for the classic efforts, ":" also for 2026's max/ultra.
-// "-max" and "-mini" are never suffixes: gpt-5.1-codex-max and gpt-5.1-codex-mini are models.
+// newCall checks the model and fills what every call sends.
+func newCall(model string) (*call, string, error) {
+	if model == "" {
+		return nil, "", invalid("model", "Missing required parameter: 'model'.")
+	}
+	base, effort := splitEffort(model)
+	return &call{model: base, toolChoice: json.RawMessage(`"auto"`), include: []string{encryptedReasoning}},
+		effort, nil
+}
+
+// splitEffort removes a reasoning-effort suffix from a model name, as peers accept: "-high" for
+// the classic efforts, ":" also for max and ultra. "-max" and "-mini" are never suffixes:
+// gpt-5.1-codex-max and gpt-5.1-codex-mini are models.
 func splitEffort(model string) (base, effort string) {
 	if i := strings.LastIndexByte(model, ':'); i > 0 {
 		switch e := model[i+1:]; e {
@@ -170,7 +178,7 @@ type messageItem struct {
 	Content []any  `json:"content"`
 }
 
-// functionDef is the function of a chat tool; with a type next to it, it is a Responses tool.
+// functionDef is the function of a chat tool; with a type beside it, it is a Responses tool.
 type functionDef struct {
 	Name        string          `json:"name"`
 	Description string          `json:"description,omitempty"`
@@ -178,7 +186,7 @@ type functionDef struct {
 	Strict      bool            `json:"strict"`
 }
 
-// chatRequest holds the Chat Completions parameters parseChat reads (SPEC §4).
+// chatRequest holds the Chat Completions members parseChat reads.
 type chatRequest struct {
 	Model         string            `json:"model"`
 	Messages      []json.RawMessage `json:"messages"`
@@ -228,65 +236,72 @@ type chatPart struct {
 	ImageURL json.RawMessage `json:"image_url"`
 }
 
-// parseChat translates a Chat Completions body (SPEC §4; peers' choices in codex-backend §7).
-func parseChat(body []byte) (chatCall, error) {
+// parseChat translates a Chat Completions body.
+func parseChat(body []byte) (*call, error) {
 	r := chatRequest{N: 1}
 	ignored, err := decodeBody(body, chatParams, &r)
 	if err != nil {
-		return chatCall{}, err
+		return nil, err
 	}
-	req, effort, err := baseRequest(r.Model)
+	c, effort, err := newCall(r.Model)
 	if err != nil {
-		return chatCall{}, err
+		return nil, err
 	}
 	if r.N != 1 {
-		return chatCall{}, invalidRequest("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", r.N)
+		return nil, invalid("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", r.N)
 	}
 	if len(r.Messages) == 0 {
-		return chatCall{}, invalidRequest("messages", "Missing required parameter: 'messages'.")
+		return nil, invalid("messages", "Missing required parameter: 'messages'.")
 	}
 	for i, raw := range r.Messages {
 		items, err := chatItems(raw, "messages["+strconv.Itoa(i)+"]")
 		if err != nil {
-			return chatCall{}, err
+			return nil, err
 		}
-		req.Input = append(req.Input, items...)
+		c.input = append(c.input, items...)
 	}
-	// The backend wants flat {type,name,…} tools and 400s on the nested chat shape with
-	// "Missing required parameter: 'tools[0].name'" (§3.3).
+	if c.tools, err = chatTools(&r); err != nil {
+		return nil, err
+	}
+	if c.toolChoice, err = chatToolChoice(r.ToolChoice); err != nil {
+		return nil, err
+	}
+	if c.text, c.jsonMode, err = chatText(&r); err != nil {
+		return nil, err
+	}
+	c.chat, c.stream, c.ignored = true, r.Stream, ignored
+	c.includeUsage = r.StreamOptions.IncludeUsage && r.Stream
+	// false is the chat default, and what Codex sends for model families without parallel calls.
+	c.parallel = &r.ParallelToolCalls
+	// An explicit reasoning_effort beats the model-name suffix; summary "auto" is what Codex sends.
+	c.reasoning = object{"summary": json.RawMessage(`"auto"`)}
+	if e := cmp.Or(r.ReasoningEffort, effort); e != "" {
+		c.reasoning["effort"] = marshal(e)
+	}
+	return c, nil
+}
+
+// chatTools turns the nested chat tools into the flat Responses tools: the backend answers the
+// nested shape with "Missing required parameter: 'tools[0].name'".
+func chatTools(r *chatRequest) ([]json.RawMessage, error) {
+	var tools []json.RawMessage
 	for i, t := range r.Tools {
 		p := "tools[" + strconv.Itoa(i) + "]"
 		if t.Type != "function" {
-			return chatCall{}, invalidRequest(p+".type", "Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
+			return nil, invalid(p+".type", "Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
 		}
 		if t.Function == nil || t.Function.Name == "" {
-			return chatCall{}, invalidRequest(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
+			return nil, invalid(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
 		}
 		if isNull(t.Function.Parameters) {
 			t.Function.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
 		}
-		req.Tools = append(req.Tools, marshal(struct {
+		tools = append(tools, marshal(struct {
 			Type string `json:"type"`
 			*functionDef
 		}{"function", t.Function}))
 	}
-	if req.ToolChoice, err = chatToolChoice(r.ToolChoice); err != nil {
-		return chatCall{}, err
-	}
-	c := chatCall{ignored: ignored, stream: r.Stream, includeUsage: r.StreamOptions.IncludeUsage && r.Stream}
-	if req.Text, c.jsonMode, err = chatText(&r); err != nil {
-		return chatCall{}, err
-	}
-	// Codex sends parallel_tool_calls false unless the model family supports it (§3.3);
-	// false is also the chat default here, the conservative one.
-	req.ParallelToolCalls = &r.ParallelToolCalls
-	// An explicit reasoning_effort beats the model-name suffix; summary "auto" is what Codex sends.
-	req.Reasoning = marshal(struct {
-		Effort  string `json:"effort,omitempty"`
-		Summary string `json:"summary"`
-	}{cmp.Or(r.ReasoningEffort, effort), "auto"})
-	c.req = req
-	return c, nil
+	return tools, nil
 }
 
 // chatItems turns one chat message into Responses input items.
@@ -295,8 +310,8 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 	if err := decodeParam(raw, param, &m); err != nil {
 		return nil, err
 	}
-	// The backend answers role system with "System messages are not allowed" (§3.4);
-	// only user messages take images; assistant text is output_text.
+	// The backend answers role system with "System messages are not allowed"; only user
+	// messages take images; assistant text is output_text.
 	role, textType := m.Role, "input_text"
 	switch m.Role {
 	case "system":
@@ -305,46 +320,57 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 		textType = "output_text"
 	case "developer", "user":
 	case "tool":
-		if m.ToolCallID == "" {
-			return nil, invalidRequest(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
-		}
-		parts, err := chatContent(m.Content, param, "input_text", false)
-		var out strings.Builder
-		for _, p := range parts {
-			out.WriteString(p.(textPart).Text)
-		}
-		return one(struct {
-			Type   string `json:"type"`
-			CallID string `json:"call_id"`
-			Output string `json:"output"`
-		}{"function_call_output", m.ToolCallID, out.String()}), err
+		return chatToolOutput(&m, param)
 	case "":
-		return nil, invalidRequest(param+".role", "Missing required parameter: '%s.role'.", param)
+		return nil, invalid(param+".role", "Missing required parameter: '%s.role'.", param)
 	default:
-		return nil, invalidRequest(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
+		return nil, invalid(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
 	}
 	parts, err := chatContent(m.Content, param, textType, role == "user")
 	if err != nil {
 		return nil, err
 	}
 	var items []json.RawMessage
-	if len(parts) > 0 { // an empty message (an assistant turn that only called tools) is left out
-		items = one(messageItem{"message", role, parts})
+	if len(parts) > 0 { // an assistant turn that only called tools has no message
+		items = append(items, marshal(messageItem{"message", role, parts}))
 	}
-	// Calls follow the message, the order the backend produced them in (§7).
+	// Calls follow the message, the order the backend produced them in.
 	for j, tc := range m.ToolCalls {
 		if tc.ID == "" || tc.Function.Name == "" {
 			p := param + ".tool_calls[" + strconv.Itoa(j) + "]"
-			return nil, invalidRequest(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
+			return nil, invalid(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
 		}
-		items = append(items, marshal(struct {
-			Type      string `json:"type"`
-			Name      string `json:"name"`
-			Arguments string `json:"arguments"`
-			CallID    string `json:"call_id"`
-		}{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
+		items = append(items, marshal(functionCall{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
 	}
 	return items, nil
+}
+
+// functionCall is a function_call item.
+type functionCall struct {
+	Type      string `json:"type"`
+	Name      string `json:"name"`
+	Arguments string `json:"arguments"`
+	CallID    string `json:"call_id"`
+}
+
+// callOutput is a function_call_output item.
+type callOutput struct {
+	Type   string `json:"type"`
+	CallID string `json:"call_id"`
+	Output string `json:"output"`
+}
+
+// chatToolOutput turns a tool message into a function_call_output with the text of its parts.
+func chatToolOutput(m *chatMessage, param string) ([]json.RawMessage, error) {
+	if m.ToolCallID == "" {
+		return nil, invalid(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
+	}
+	parts, err := chatContent(m.Content, param, "input_text", false)
+	var out strings.Builder
+	for _, p := range parts {
+		out.WriteString(p.(textPart).Text)
+	}
+	return []json.RawMessage{marshal(callOutput{"function_call_output", m.ToolCallID, out.String()})}, err
 }
 
 // chatContent converts message content (a string or an array of parts) to Responses parts of
@@ -359,7 +385,8 @@ func chatContent(raw json.RawMessage, param, textType string, images bool) ([]an
 	}
 	var parts []chatPart
 	if err := json.Unmarshal(raw, &parts); err != nil {
-		return nil, invalidRequest(param+".content", "Invalid type for '%s.content': expected a string or an array of content parts.", param)
+		return nil, invalid(param+".content",
+			"Invalid type for '%s.content': expected a string or an array of content parts.", param)
 	}
 	var out []any
 	for j, p := range parts {
@@ -370,23 +397,37 @@ func chatContent(raw json.RawMessage, param, textType string, images bool) ([]an
 		case p.Type == "refusal" && textType == "output_text":
 			out = append(out, textPart{textType, p.Refusal})
 		case p.Type == "image_url" && images:
-			var img struct {
-				URL    string `json:"url"`
-				Detail string `json:"detail"`
+			img, err := chatImage(p.ImageURL, pp)
+			if err != nil {
+				return nil, err
 			}
-			if json.Unmarshal(p.ImageURL, &img.URL) != nil && json.Unmarshal(p.ImageURL, &img) != nil || img.URL == "" {
-				return nil, invalidRequest(pp+".image_url", "Invalid value for '%s.image_url': expected a URL string or {\"url\": …}.", pp)
-			}
-			out = append(out, struct { // the backend wants image_url as a plain string
-				Type     string `json:"type"`
-				ImageURL string `json:"image_url"`
-				Detail   string `json:"detail,omitempty"`
-			}{"input_image", img.URL, img.Detail})
+			out = append(out, img)
 		default:
-			return nil, invalidRequest(pp+".type", "Invalid value for '%s.type': %q is not supported here.", pp, p.Type)
+			return nil, invalid(pp+".type", "Invalid value for '%s.type': %q is not supported here.", pp, p.Type)
 		}
 	}
 	return out, nil
+}
+
+// inputImage is an input_image part: the backend wants image_url as a plain string.
+type inputImage struct {
+	Type     string `json:"type"`
+	ImageURL string `json:"image_url"`
+	Detail   string `json:"detail,omitempty"`
+}
+
+// chatImage reads an image_url member, a URL string or {"url", "detail"}.
+func chatImage(raw json.RawMessage, param string) (inputImage, error) {
+	img := inputImage{Type: "input_image"}
+	var v struct{ URL, Detail string }
+	if json.Unmarshal(raw, &img.ImageURL) != nil && json.Unmarshal(raw, &v) == nil {
+		img.ImageURL, img.Detail = v.URL, v.Detail
+	}
+	if img.ImageURL == "" {
+		return img, invalid(param+".image_url",
+			"Invalid value for '%s.image_url': expected a URL string or {\"url\": …}.", param)
+	}
+	return img, nil
 }
 
 // chatToolChoice maps tool_choice: strings pass, {type:function,function:{name}} is flattened
@@ -405,7 +446,7 @@ func chatToolChoice(raw json.RawMessage) (json.RawMessage, error) {
 	case json.Unmarshal(raw, &s) == nil:
 		return marshal(s), nil
 	case json.Unmarshal(raw, &tc) != nil:
-		return nil, invalidRequest("tool_choice", "Invalid type for 'tool_choice': expected a string or an object.")
+		return nil, invalid("tool_choice", "Invalid type for 'tool_choice': expected a string or an object.")
 	case tc.Type == "function" && tc.Function.Name != "":
 		return marshal(struct {
 			Type string `json:"type"`
@@ -415,7 +456,7 @@ func chatToolChoice(raw json.RawMessage) (json.RawMessage, error) {
 	return raw, nil
 }
 
-// chatText maps response_format to text.format and verbosity to text.verbosity (§3.3).
+// chatText maps response_format to text.format and verbosity to text.verbosity.
 func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 	text := struct {
 		Format    any    `json:"format,omitempty"`
@@ -427,7 +468,8 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 		text.Format = map[string]string{"type": "json_object"}
 	case "json_schema":
 		if len(js.Schema) == 0 {
-			return nil, false, invalidRequest("response_format.json_schema.schema", "Missing required parameter: 'response_format.json_schema.schema'.")
+			return nil, false, invalid("response_format.json_schema.schema",
+				"Missing required parameter: 'response_format.json_schema.schema'.")
 		}
 		text.Format = struct {
 			Type string          `json:"type"`
@@ -437,7 +479,8 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 			Sch  json.RawMessage `json:"schema"`
 		}{"json_schema", cmp.Or(js.Name, "response"), js.Description, js.Strict, js.Schema}
 	default:
-		return nil, false, invalidRequest("response_format.type", "Invalid value for 'response_format.type': %q is not supported.", r.ResponseFormat.Type)
+		return nil, false, invalid("response_format.type",
+			"Invalid value for 'response_format.type': %q is not supported.", r.ResponseFormat.Type)
 	}
 	if text.Format == nil && text.Verbosity == "" {
 		return nil, false, nil
@@ -445,7 +488,7 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 	return marshal(text), text.Format != nil, nil
 }
 
-// responsesRequest holds the Responses parameters parseResponses keeps or consumes (SPEC §5.1).
+// responsesRequest holds the Responses members parseResponses keeps or consumes.
 type responsesRequest struct {
 	Model              string            `json:"model"`
 	Input              json.RawMessage   `json:"input"`
@@ -462,62 +505,59 @@ type responsesRequest struct {
 	PreviousResponseID string            `json:"previous_response_id"`
 }
 
-// parseResponses normalizes a native Responses body (SPEC §5.1): members the backend takes
-// pass through, stream/store are forced, input items lose their ids and system roles.
-func parseResponses(body []byte) (responsesCall, error) {
+// parseResponses normalizes a native Responses body: members the backend takes pass through,
+// input items lose their ids and system roles. A body with "messages" and no "input" is a chat
+// request (as the guide's examples send to /responses).
+func parseResponses(body []byte) (*call, error) {
 	var r responsesRequest
 	ignored, err := decodeBody(body, responsesParams, &r)
 	if err != nil {
-		return responsesCall{}, err
+		return nil, err
 	}
-	if (len(r.Input) == 0 || isNull(r.Input)) && slices.Contains(ignored, "messages") {
-		return responsesCall{chatBody: true}, nil
+	if isNull(r.Input) && slices.Contains(ignored, "messages") {
+		return parseChat(body)
 	}
-	req, effort, err := baseRequest(r.Model)
+	c, effort, err := newCall(r.Model)
 	if err != nil {
-		return responsesCall{}, err
+		return nil, err
 	}
-	c := responsesCall{stream: r.Stream, previousResponseID: r.PreviousResponseID}
-	if req.Input, c.ignored, err = responsesInput(r.Input, ignored); err != nil {
-		return responsesCall{}, err
+	if c.input, c.ignored, err = responsesInput(r.Input, ignored); err != nil {
+		return nil, err
 	}
-	// Tools of every type (function, custom, local_shell, web_search…) are the client's
-	// business and pass unchanged.
-	req.Tools = append(req.Tools, r.Tools...)
-	req.Instructions, req.ParallelToolCalls, req.PromptCacheKey = r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
-	if req.Include = r.Include; !slices.Contains(req.Include, encryptedReasoning) {
-		req.Include = append(req.Include, encryptedReasoning)
+	// Tools of every type (function, custom, local_shell, web_search…) are the client's business.
+	c.tools, c.instructions, c.parallel, c.cacheKey = r.Tools, r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
+	c.stream, c.previousID = r.Stream, r.PreviousResponseID
+	if c.include = r.Include; !slices.Contains(c.include, encryptedReasoning) {
+		c.include = append(c.include, encryptedReasoning)
 	}
-	req.ToolChoice = json.RawMessage(`"auto"`)
 	for _, m := range []struct {
 		key string
 		raw json.RawMessage
 		dst *json.RawMessage
-	}{{"tool_choice", r.ToolChoice, &req.ToolChoice}, {"reasoning", r.Reasoning, &req.Reasoning},
-		{"text", r.Text, &req.Text}, {"client_metadata", r.ClientMetadata, &req.ClientMetadata}} {
-		if isNull(m.raw) {
-			continue
+	}{{"tool_choice", r.ToolChoice, &c.toolChoice}, {"reasoning", r.Reasoning, nil},
+		{"text", r.Text, &c.text}, {"client_metadata", r.ClientMetadata, &c.metadata}} {
+		switch {
+		case isNull(m.raw):
+		case m.raw[0] != '{' && (m.key != "tool_choice" || m.raw[0] != '"'):
+			return nil, invalid(m.key, "Invalid type for '%s': expected an object.", m.key)
+		case m.dst != nil:
+			*m.dst = m.raw
+		default:
+			_ = json.Unmarshal(m.raw, &c.reasoning) // an object, checked above
 		}
-		if m.raw[0] != '{' && (m.key != "tool_choice" || m.raw[0] != '"') {
-			return responsesCall{}, invalidRequest(m.key, "Invalid type for '%s': expected an object.", m.key)
-		}
-		*m.dst = m.raw
 	}
-	if effort != "" {
-		o := object{}
-		_ = json.Unmarshal(req.Reasoning, &o) // checked above; absent leaves o empty
-		if isNull(o["effort"]) {
-			o["effort"] = marshal(effort)
+	if effort != "" && isNull(c.reasoning["effort"]) {
+		if c.reasoning == nil {
+			c.reasoning = object{}
 		}
-		req.Reasoning = marshal(o)
+		c.reasoning["effort"] = marshal(effort)
 	}
-	c.req = req
 	return c, nil
 }
 
 // responsesInput turns input (a string or items) into normalized items. item_reference items
-// point at stored items, and nothing is stored with store=false (§3.4), so they are dropped
-// and reported.
+// point at stored items, and nothing is stored with store=false, so they are dropped and
+// reported.
 func responsesInput(raw json.RawMessage, ignored []string) ([]json.RawMessage, []string, error) {
 	var s string
 	var items []json.RawMessage
@@ -525,44 +565,42 @@ func responsesInput(raw json.RawMessage, ignored []string) ([]json.RawMessage, [
 	case isNull(raw):
 	case json.Unmarshal(raw, &s) == nil:
 		if s != "" {
-			return one(messageItem{"message", "user", []any{textPart{"input_text", s}}}), ignored, nil
+			return []json.RawMessage{marshal(messageItem{"message", "user", []any{textPart{"input_text", s}}})},
+				ignored, nil
 		}
 	case json.Unmarshal(raw, &items) != nil:
-		return nil, nil, invalidRequest("input", "Invalid type for 'input': expected a string or an array.")
+		return nil, nil, invalid("input", "Invalid type for 'input': expected a string or an array.")
 	}
 	if len(items) == 0 {
-		return nil, nil, invalidRequest("input", "Missing required parameter: 'input'.")
+		return nil, nil, invalid("input", "Missing required parameter: 'input'.")
 	}
 	out := make([]json.RawMessage, 0, len(items))
 	for i, item := range items {
-		var probe struct {
-			Type string `json:"type"`
+		o, err := normalizeItem(item)
+		if err != nil {
+			return nil, nil, invalid("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
 		}
-		if json.Unmarshal(item, &probe) == nil && probe.Type == "item_reference" {
+		if string(o["type"]) == `"item_reference"` {
 			if !slices.Contains(ignored, "input.item_reference") {
 				ignored = append(ignored, "input.item_reference")
 				slices.Sort(ignored)
 			}
 			continue
 		}
-		n, err := normalizeItem(item)
-		if err != nil {
-			return nil, nil, invalidRequest("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
-		}
-		out = append(out, n)
+		out = append(out, marshal(o))
 	}
 	return out, ignored, nil
 }
 
-// normalizeItem makes an input item acceptable with store=false: it removes "id" (server ids
-// such as rs_… get 404 "Item with id … not found", §3.4), turns role "system" into
-// "developer" ("System messages are not allowed") and adds "type":"message" to the
-// type-less message shorthand. The output is canonical (sorted keys, compact), so
-// normalizing twice gives the same bytes, which lets sessions compare transcripts.
-func normalizeItem(item json.RawMessage) (json.RawMessage, error) {
+// normalizeItem makes an input item acceptable with store=false: it removes "id" (the backend
+// answers ids it issued with 404 "Item with id … not found"), turns role "system" into
+// "developer" ("System messages are not allowed") and adds "type":"message" to the type-less
+// message shorthand. Marshalling the result gives canonical bytes (sorted keys, compact), so
+// normalizing twice changes nothing, which lets sessions compare transcripts.
+func normalizeItem(item json.RawMessage) (object, error) {
 	var o object
 	if err := json.Unmarshal(item, &o); err != nil || o == nil {
-		return nil, invalidRequest("input", "Invalid type for input item: expected an object.")
+		return nil, errors.New("not an object")
 	}
 	delete(o, "id")
 	if r, ok := o["role"]; ok {
@@ -573,509 +611,112 @@ func normalizeItem(item json.RawMessage) (json.RawMessage, error) {
 			o["type"] = json.RawMessage(`"message"`)
 		}
 	}
-	return marshal(o), nil
+	return o, nil
 }
 
-// backendItem is the part of an output item the chat translation reads.
-type backendItem struct {
-	Type      string        `json:"type"`
-	ID        string        `json:"id"`
-	CallID    string        `json:"call_id"`
-	Name      string        `json:"name"`
-	Arguments string        `json:"arguments"`
-	Content   []backendPart `json:"content"`
-	Summary   []backendPart `json:"summary"`
+// upstreamBody is the body of POST {upstream}/responses, in the Codex CLI's member order
+// (codex-rs/codex-api/src/common.rs ResponsesApiRequest).
+type upstreamBody struct {
+	Model             string            `json:"model"`
+	Instructions      *string           `json:"instructions,omitempty"`
+	Input             []json.RawMessage `json:"input"`
+	Tools             []json.RawMessage `json:"tools"` // never nil: Codex always sends []
+	ToolChoice        json.RawMessage   `json:"tool_choice,omitempty"`
+	ParallelToolCalls *bool             `json:"parallel_tool_calls,omitempty"`
+	Reasoning         object            `json:"reasoning,omitempty"`
+	Store             bool              `json:"store"`  // always false: the backend refuses true
+	Stream            bool              `json:"stream"` // always true: the backend only streams
+	Include           []string          `json:"include,omitempty"`
+	PromptCacheKey    string            `json:"prompt_cache_key,omitempty"`
+	Text              json.RawMessage   `json:"text,omitempty"`
+	ClientMetadata    json.RawMessage   `json:"client_metadata,omitempty"`
 }
 
-// backendPart is a content or summary part of an output item.
-type backendPart struct {
-	Text    string `json:"text"`
-	Refusal string `json:"refusal"`
+// request is one upstream request, built once by buildRequest and never changed after: the
+// body of POST {upstream}/responses and its own headers (the upstream client adds the
+// credentials on each attempt).
+type request struct {
+	model  string
+	body   []byte
+	header http.Header
 }
 
-// backendError is the error of response.failed, or of a WebSocket-style error event.
-type backendError struct {
-	Type    string `json:"type"`
-	Code    string `json:"code"`
-	Message string `json:"message"`
+// prompt says how a request carries instructions: key is the "instructions" member (nil for
+// none), and with asMessage the client's own instructions travel as a leading developer message,
+// as the Codex CLI sends its prompt.
+type prompt struct {
+	key       *string
+	asMessage bool
 }
 
-// backendResponse is the part of the "response" object the translation reads.
-type backendResponse struct {
-	Output            []json.RawMessage `json:"output"`
-	IncompleteDetails struct {
-		Reason string `json:"reason"`
-	} `json:"incomplete_details"`
-	Error *backendError `json:"error"`
-	// The usage details may be null (the Codex fixtures have them so): null leaves them zero.
-	Usage struct {
-		InputTokens        int `json:"input_tokens"`
-		OutputTokens       int `json:"output_tokens"`
-		TotalTokens        int `json:"total_tokens"`
-		InputTokensDetails struct {
-			CachedTokens int `json:"cached_tokens"`
-		} `json:"input_tokens_details"`
-		OutputTokensDetails struct {
-			ReasoningTokens int `json:"reasoning_tokens"`
-		} `json:"output_tokens_details"`
-	} `json:"usage"`
-}
-
-// backendEvent is any backend SSE event decoded with encoding/json (the slow path).
-type backendEvent struct {
-	ItemID       string           `json:"item_id"`
-	OutputIndex  int              `json:"output_index"`
-	SummaryIndex int              `json:"summary_index"`
-	ContentIndex int              `json:"content_index"`
-	Delta        string           `json:"delta"`
-	Item         json.RawMessage  `json:"item"`
-	Response     *backendResponse `json:"response"`
-	Code         string           `json:"code"`
-	Message      string           `json:"message"`
-	Error        *backendError    `json:"error"`
-}
-
-// isTerminal reports whether typ ends a successful turn; Codex only knows response.completed,
-// peers also accept response.done, and the Responses spec has response.incomplete (§4, §7).
-func isTerminal(typ string) bool {
-	return typ == "response.completed" || typ == "response.done" || typ == "response.incomplete"
-}
-
-// eventError returns the client-facing error of a response.failed or error event.
-func eventError(ev *backendEvent) *apiError {
-	e := ev.Error
-	if ev.Response != nil && ev.Response.Error != nil {
-		e = ev.Response.Error
+// buildRequest is the one place an upstream request is made: from the call, the input (the
+// session's transcript and this turn), the instructions and the session id, which names the
+// conversation for the backend's prompt cache.
+func buildRequest(c *call, input []json.RawMessage, p prompt, sid string) *request {
+	b := upstreamBody{Model: c.model, Input: input, Tools: c.tools,
+		ToolChoice: c.toolChoice, ParallelToolCalls: c.parallel, Reasoning: c.reasoning, Stream: true,
+		Include: c.include, PromptCacheKey: cmp.Or(c.cacheKey, sid), Text: c.text, ClientMetadata: c.metadata}
+	if b.Tools == nil {
+		b.Tools = []json.RawMessage{}
 	}
-	if e == nil {
-		e = &backendError{Code: ev.Code, Message: ev.Message}
+	b.Instructions = p.key
+	if p.asMessage && c.instructions != nil && *c.instructions != "" {
+		msg := marshal(messageItem{"message", "developer", []any{textPart{"input_text", *c.instructions}}})
+		b.Input = append([]json.RawMessage{msg}, input...)
 	}
-	return failureError(cmp.Or(e.Code, e.Type), e.Message)
-}
-
-// failureError maps a backend failure code (response.failed error.code, or an error event) to
-// the client-facing error, keeping the upstream message verbatim. Codex treats
-// context_length_exceeded as the caller's fault and the quota codes as limits (§4 (d), §5.1).
-func failureError(code, message string) *apiError {
-	e := &apiError{status: 502, typ: "api_error", code: code, message: cmp.Or(message, "upstream response failed ("+cmp.Or(code, "no code")+")")}
-	switch code {
-	case "context_length_exceeded":
-		e.status, e.typ = 400, "invalid_request_error"
-	case "rate_limit_exceeded", "insufficient_quota", "usage_not_included", "usage_limit_reached":
-		e.status, e.typ = 429, "rate_limit_error"
+	h := http.Header{"Accept": {"text/event-stream"}, "Session-Id": {sid}}
+	for k, v := range c.header {
+		h[k] = v
 	}
-	return e
+	return &request{model: c.model, body: marshal(b), header: h}
 }
 
-// turn accumulates what one backend stream said.
-type turn struct {
-	output    []json.RawMessage // items of response.output_item.done, ordered by output_index
-	response  json.RawMessage   // the "response" object of response.completed (also accept response.done, response.incomplete)
-	err       *apiError         // set by response.failed or a top-level "error" event
-	completed bool              // a terminal success event arrived (completed/done/incomplete)
-	indexes   []int             // output_index of each output entry
+// event is one backend SSE event, decoded once; the turn and every renderer read this value.
+type event struct {
+	typ  string // the SSE event name, else the JSON "type"
+	data []byte // the event as received, relayed to native clients; valid until the next read
+	ok   bool   // data is a JSON object
+
+	Type         string          `json:"type"`
+	ItemID       string          `json:"item_id"`
+	OutputIndex  int             `json:"output_index"`
+	SummaryIndex int             `json:"summary_index"`
+	ContentIndex int             `json:"content_index"`
+	Delta        string          `json:"delta"`
+	Item         json.RawMessage `json:"item"`
+	Response     json.RawMessage `json:"response"`
+	Code         string          `json:"code"`
+	Message      string          `json:"message"`
+	Error        *backendError   `json:"error"`
 }
 
-// observe records one backend event; deltas cost one switch.
-func (t *turn) observe(typ string, data []byte) {
-	switch {
-	case typ == "response.output_item.done":
-		var ev backendEvent
-		if json.Unmarshal(data, &ev) != nil || len(ev.Item) == 0 {
-			return
+// decode sets ev to one SSE event. The Codex CLI accepts data-only events named by their
+// JSON "type" as well as named ones, so both are read. Deltas are most of a stream, so their
+// flat shape is scanned in place first (scanDelta); anything else goes to encoding/json.
+func (ev *event) decode(name, data []byte) {
+	*ev = event{typ: string(name), data: data, ok: true}
+	if bytes.HasSuffix(name, []byte(".delta")) {
+		id, delta, idx, ok := scanDelta(data)
+		if ok && bytes.IndexByte(delta, '\\') < 0 {
+			ev.Delta = string(delta[1 : len(delta)-1])
+		} else if ok && json.Unmarshal(delta, &ev.Delta) != nil {
+			ok = false
 		}
-		i, _ := slices.BinarySearch(t.indexes, ev.OutputIndex+1) // after equal indexes: arrival order
-		t.indexes = slices.Insert(t.indexes, i, ev.OutputIndex)
-		t.output = slices.Insert(t.output, i, ev.Item)
-	case isTerminal(typ):
-		var ev struct {
-			Response json.RawMessage `json:"response"`
-		}
-		if json.Unmarshal(data, &ev) == nil {
-			t.response, t.completed = ev.Response, true
-		}
-	case typ == "response.failed" || typ == "error":
-		var ev backendEvent
-		_ = json.Unmarshal(data, &ev) // a garbled failure is still a failure
-		t.err = eventError(&ev)
-	}
-}
-
-// items returns the turn's output items: response.completed's output, or the
-// output_item.done items when it is sparse (the Codex CLI's fixtures send "output":[], §0, §4).
-func (t *turn) items() (*backendResponse, []json.RawMessage) {
-	var r backendResponse
-	_ = json.Unmarshal(t.response, &r) // absent or garbled: the streamed items still count
-	if len(r.Output) == 0 {
-		r.Output = t.output
-	}
-	return &r, r.Output
-}
-
-// responseObject is the final Responses API object for non-streaming clients: the completed response with "output"
-// filled from t.output when missing or empty (a sparse response.completed), and "output_text" (all output_text parts joined).
-func (t *turn) responseObject() []byte {
-	var o object
-	if json.Unmarshal(t.response, &o) != nil || o == nil {
-		o = object{"object": json.RawMessage(`"response"`)}
-	}
-	_, items := t.items()
-	if items == nil {
-		items = []json.RawMessage{}
-	}
-	o["output"] = marshal(items)
-	o["output_text"] = marshal(string(replay(items, reasoningNone).text))
-	return marshal(o)
-}
-
-// messageText joins the output_text (and refusal) parts of a message item.
-func messageText(it *backendItem) string {
-	var b strings.Builder
-	for _, p := range it.Content {
-		b.WriteString(p.Text + p.Refusal)
-	}
-	return b.String()
-}
-
-// usage is the turn's usage as a Chat Completions usage object.
-func (r *backendResponse) usage() []byte {
-	u := r.Usage
-	return fmt.Appendf(nil, `{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"prompt_tokens_details":{"cached_tokens":%d},"completion_tokens_details":{"reasoning_tokens":%d}}`,
-		u.InputTokens, u.OutputTokens, cmp.Or(u.TotalTokens, u.InputTokens+u.OutputTokens), u.InputTokensDetails.CachedTokens, u.OutputTokensDetails.ReasoningTokens)
-}
-
-// finishReason maps how the turn ended to the chat finish_reason.
-func (r *backendResponse) finishReason(toolCalls bool) string {
-	switch reason := r.IncompleteDetails.Reason; {
-	case toolCalls:
-		return "tool_calls"
-	case reason == "max_output_tokens":
-		return "length"
-	case reason == "content_filter":
-		return reason
-	}
-	return "stop"
-}
-
-// chatAnswer is the message of a non-streaming chat completion.
-type chatAnswer struct {
-	Role             string         `json:"role"`
-	Content          *string        `json:"content"`
-	ReasoningContent string         `json:"reasoning_content,omitempty"`
-	ToolCalls        []chatToolCall `json:"tool_calls,omitempty"`
-	text, reasoning  []byte
-}
-
-// chatToolCall is a tool call of a chat.completion message.
-type chatToolCall struct {
-	ID       string `json:"id"`
-	Type     string `json:"type"`
-	Function struct {
-		Name      string `json:"name"`
-		Arguments string `json:"arguments"`
-	} `json:"function"`
-}
-
-// replay runs finished output items through a chat stream that collects the answer instead of
-// emitting chunks, so both paths read items alike. Every item's parts are parts of their own,
-// and a separator needs reasoning before it.
-func replay(items []json.RawMessage, mode reasoningMode) *chatAnswer {
-	s := &chatStream{mode: mode, tagsDone: true, answer: &chatAnswer{Role: "assistant"}}
-	for _, raw := range items {
-		var it backendItem
-		if json.Unmarshal(raw, &it) == nil {
-			s.partKind = 0
-			s.item(&it)
-		}
-	}
-	return s.answer
-}
-
-// chatCompletion builds the non-streaming chat.completion from a finished turn. Unlike the
-// stream, which cannot take back tags it already sent, it has no tags when the turn calls tools.
-func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode, jsonMode bool) []byte {
-	r, items := t.items()
-	m := replay(items, mode)
-	text, calls := string(m.text), len(m.ToolCalls) > 0
-	if m.ReasoningContent = string(m.reasoning); mode == reasoningTags && !jsonMode && !calls && m.ReasoningContent != "" && text != "" {
-		text = "<reasoning>" + m.ReasoningContent + "</reasoning>\n\n" + text // the guide's tags (--reasoning tags)
-	}
-	if text != "" || !calls {
-		m.Content = &text
-	}
-	choice := marshal(struct {
-		Index        int         `json:"index"`
-		Message      *chatAnswer `json:"message"`
-		FinishReason string      `json:"finish_reason"`
-	}{0, m, r.finishReason(calls)})
-	return fmt.Appendf(chatHead("chat.completion", id, created, model), `%s],"usage":%s}`, choice, r.usage())
-}
-
-// toolCallState is one function call of a chat stream.
-type toolCallState struct {
-	itemID   string // deltas are keyed by item id (fc_…), not call_id (§4 (c))
-	callID   string
-	argsSent bool
-}
-
-// chatStream turns backend events into chat.completion.chunk payloads as they arrive.
-type chatStream struct {
-	head         []byte // every chunk up to `"choices":[`
-	mode         reasoningMode
-	includeUsage bool
-	roleSent     bool
-	done         bool
-	sawItems     bool            // an output_item.done arrived: response.completed's output is not needed
-	streamed     []string        // ids of items whose text or reasoning came as deltas
-	calls        []toolCallState // index in this slice is the chat tool call index
-	partItem     string          // reasoning part being streamed: item id, kind, index
-	partKind     byte
-	partIndex    int
-	reasoned     bool   // some reasoning was streamed (later parts get a "\n\n" separator)
-	tags         []byte // reasoning held back for the tags, until the turn shows text or a call
-	tagsDone     bool
-	buf, scratch []byte             // reused: emit must not retain chunks
-	unquoted     string             // an escaped delta, decoded into a field so that its address costs nothing
-	emit         func([]byte) error // the current event's
-	err          error              // the first error of emit: nothing is emitted after it
-	answer       *chatAnswer        // set by replay: content and calls are collected, not emitted
-}
-
-// newChatStream starts a chat stream; id, created and model appear in every chunk.
-func newChatStream(id string, created int64, model string, mode reasoningMode, jsonMode, includeUsage bool) *chatStream {
-	return &chatStream{head: chatHead("chat.completion.chunk", id, created, model), mode: mode,
-		includeUsage: includeUsage, tagsDone: mode != reasoningTags || jsonMode}
-}
-
-// chatHead is the start of a chat.completion or a chunk, up to `"choices":[`.
-func chatHead(object, id string, created int64, model string) []byte {
-	return fmt.Appendf(nil, `{"id":%s,"object":%q,"created":%d,"model":%s,"choices":[`, marshal(id), object, created, marshal(model))
-}
-
-// event translates one backend event into zero or more chunk JSON payloads, passed to emit in order.
-// emit must not retain the slice (you may reuse a buffer). A response.failed / error event returns its *apiError.
-func (s *chatStream) event(typ string, data []byte, emit func(chunk []byte) error) error {
-	if s.done {
-		return nil
-	}
-	s.emit = emit
-	if strings.HasSuffix(typ, ".delta") {
-		id, delta, idx, ok := s.fastDelta(data)
-		switch {
-		case !ok:
-		case typ == "response.output_text.delta":
-			s.text(id, delta)
-		case typ == "response.reasoning_summary_text.delta" || typ == "response.reasoning_text.delta":
-			s.markStreamed(id)
-			s.reasoning(id, typ[19], idx, delta) // typ[19]: 's'ummary or 't'ext
-		case typ == "response.function_call_arguments.delta":
-			if i := slices.IndexFunc(s.calls, func(c toolCallState) bool { return c.itemID == string(id) }); i >= 0 {
-				s.calls[i].argsSent = true
-				s.toolCall(i, nil, delta)
-			}
-		}
-		return s.err
-	}
-	var ev backendEvent
-	if err := json.Unmarshal(data, &ev); err != nil && !isTerminal(typ) && typ != "response.failed" && typ != "error" {
-		return nil // an unknown or garbled event cannot change the answer
-	}
-	switch {
-	case typ == "response.output_item.added":
-		var it backendItem
-		if json.Unmarshal(ev.Item, &it) == nil && it.Type == "function_call" {
-			s.newCall(&it)
-		}
-	case typ == "response.output_item.done":
-		s.sawItems = true
-		s.itemDone(ev.Item)
-	case isTerminal(typ):
-		r := cmp.Or(ev.Response, &backendResponse{})
-		if !s.sawItems { // no output_item.done at all: the items exist only in response.completed
-			for _, raw := range r.Output {
-				s.itemDone(raw)
-			}
-		}
-		s.finish(r)
-	case typ == "response.failed" || typ == "error":
-		return eventError(&ev)
-	}
-	return s.err
-}
-
-// fastDelta reads item_id, the decoded delta and the part index of a delta event. Deltas are
-// most of a stream, so the flat shape the backend sends is scanned in place; escapes in the
-// delta cost one encoding/json string decode, and any other shape goes to encoding/json whole.
-func (s *chatStream) fastDelta(data []byte) (id, delta []byte, idx int, ok bool) {
-	id, raw, idx, ok := scanDelta(data)
-	if ok && bytes.IndexByte(raw, '\\') < 0 {
-		return id, raw[1 : len(raw)-1], idx, true
-	}
-	if ok && json.Unmarshal(raw, &s.unquoted) == nil {
-		s.scratch = append(s.scratch[:0], s.unquoted...)
-		return id, s.scratch, idx, true
-	}
-	var ev backendEvent
-	if json.Unmarshal(data, &ev) != nil {
-		return nil, nil, 0, false
-	}
-	return []byte(ev.ItemID), []byte(ev.Delta), ev.SummaryIndex + ev.ContentIndex, true
-}
-
-// markStreamed remembers that item id's text came as deltas.
-func (s *chatStream) markStreamed(id []byte) {
-	if !slices.Contains(s.streamed, string(id)) {
-		s.streamed = append(s.streamed, string(id))
-	}
-}
-
-// open starts a chunk in s.buf, first sending the role chunk if it has not gone out yet. The
-// role waits for the first real chunk so that a failure before any output can still be
-// answered with a proper HTTP error status.
-func (s *chatStream) open() {
-	if !s.roleSent {
-		s.roleSent = true
-		s.buf = append(s.buf[:0], s.head...)
-		s.send(`{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}`)
-	}
-	s.buf = append(append(s.buf[:0], s.head...), `{"index":0,"delta":`...)
-}
-
-// send ends the chunk in s.buf with tail and emits it, unless an emit failed before.
-func (s *chatStream) send(tail string) {
-	if s.buf = append(s.buf, tail...); s.err == nil {
-		s.err = s.emit(s.buf)
-	}
-}
-
-// text emits answer text, preceded once by the held-back reasoning tags.
-func (s *chatStream) text(id, text []byte) {
-	s.markStreamed(id)
-	if !s.tagsDone && len(s.tags) > 0 {
-		s.content(`"content"`, []byte("<reasoning>"), s.tags, []byte("</reasoning>\n\n"))
-	}
-	s.tagsDone = true
-	s.content(`"content"`, nil, text, nil)
-}
-
-// content emits {key: pre+text+post} as one delta.
-func (s *chatStream) content(key string, pre, text, post []byte) {
-	if a := s.answer; a != nil {
-		dst := &a.text
-		if key[1] == 'r' {
-			dst = &a.reasoning
-		}
-		if len(*dst) == 0 {
-			pre = nil
-		}
-		*dst = append(append(append(*dst, pre...), text...), post...)
-		return
-	}
-	s.open()
-	s.buf = append(append(append(s.buf, '{'), key...), ':', '"')
-	s.buf = append(appendEscaped(appendEscaped(appendEscaped(s.buf, pre), text), post), '"', '}')
-	s.send(`,"finish_reason":null}]}`)
-}
-
-// reasoning streams a reasoning delta as reasoning_content and keeps it for the tags; a new
-// summary part (or item) is separated from the previous one by a blank line.
-func (s *chatStream) reasoning(id []byte, kind byte, idx int, delta []byte) {
-	if s.mode == reasoningNone {
-		return
-	}
-	var sep []byte
-	if s.partItem != string(id) || s.partKind != kind || s.partIndex != idx {
-		if s.reasoned {
-			sep = []byte("\n\n")
-		}
-		s.partItem, s.partKind, s.partIndex = string(id), kind, idx
-	}
-	s.reasoned = true
-	if !s.tagsDone {
-		s.tags = append(append(s.tags, sep...), delta...)
-	}
-	s.content(`"reasoning_content"`, sep, delta, nil)
-}
-
-// newCall registers a function call and emits its id and name; the tags are dropped because
-// the turn goes to tool calls (SPEC §4).
-func (s *chatStream) newCall(it *backendItem) {
-	s.tagsDone = true
-	s.calls = append(s.calls, toolCallState{it.ID, it.CallID, it.Arguments != ""})
-	s.toolCall(len(s.calls)-1, it, []byte(it.Arguments))
-}
-
-// toolCall emits one tool_calls delta: the header (id, type, name) when it is given, else an
-// arguments fragment.
-func (s *chatStream) toolCall(i int, it *backendItem, args []byte) {
-	if a := s.answer; a != nil { // replay sends each call whole, once
-		tc := chatToolCall{ID: it.CallID, Type: "function"}
-		tc.Function.Name, tc.Function.Arguments = it.Name, string(args)
-		a.ToolCalls = append(a.ToolCalls, tc)
-		return
-	}
-	s.open()
-	s.buf = strconv.AppendInt(append(s.buf, `{"tool_calls":[{"index":`...), int64(i), 10)
-	if it != nil {
-		s.buf = appendString(append(s.buf, `,"id":`...), []byte(it.CallID))
-		s.buf = appendString(append(s.buf, `,"type":"function","function":{"name":`...), []byte(it.Name))
-		s.buf = append(s.buf, ',')
-	} else {
-		s.buf = append(s.buf, `,"function":{`...)
-	}
-	s.buf = append(appendString(append(s.buf, `"arguments":`...), args), "}}]}"...)
-	s.send(`,"finish_reason":null}]}`)
-}
-
-// itemDone emits what a finished item holds that its deltas did not deliver: the whole text
-// or reasoning of a sparse stream (the Codex fixtures send only output_item.done, §0), a call
-// never announced, or arguments that never came as deltas.
-func (s *chatStream) itemDone(raw json.RawMessage) {
-	var it backendItem
-	if json.Unmarshal(raw, &it) != nil || slices.Contains(s.streamed, it.ID) && it.ID != "" {
-		return
-	}
-	for i, c := range s.calls {
-		if it.Type == "function_call" && (c.itemID == it.ID && it.ID != "" || c.callID == it.CallID && it.CallID != "") {
-			if !c.argsSent && it.Arguments != "" {
-				s.calls[i].argsSent = true
-				s.toolCall(i, nil, []byte(it.Arguments))
+		if ok {
+			ev.ItemID, ev.ContentIndex = string(id), idx
+			if bytes.Contains(name, []byte("summary")) {
+				ev.SummaryIndex, ev.ContentIndex = idx, 0
 			}
 			return
 		}
 	}
-	s.item(&it)
+	var te *json.UnmarshalTypeError
+	err := json.Unmarshal(data, ev)
+	ev.ok = err == nil || errors.As(err, &te)
+	ev.typ = cmp.Or(ev.typ, ev.Type)
 }
 
-// item emits the whole of an item: its text, its reasoning parts or its call.
-func (s *chatStream) item(it *backendItem) {
-	switch it.Type {
-	case "message":
-		if t := messageText(it); t != "" {
-			s.text([]byte(it.ID), []byte(t))
-		}
-	case "reasoning":
-		for i, p := range slices.Concat(it.Content, it.Summary) {
-			s.reasoning([]byte(it.ID), 'd', i, []byte(p.Text))
-		}
-	case "function_call":
-		s.newCall(it)
-	}
-}
-
-// finish emits the one chunk with a finish_reason and, when asked for, the usage chunk.
-func (s *chatStream) finish(r *backendResponse) {
-	s.done = true
-	s.open()
-	s.buf = appendString(append(s.buf, `{},"finish_reason":`...), []byte(r.finishReason(len(s.calls) > 0)))
-	s.send("}]}")
-	if s.includeUsage {
-		s.buf = append(append(append(s.buf[:0], s.head...), `],"usage":`...), r.usage()...)
-		s.send("}")
-	}
-}
-
-// scanDelta finds the item_id, delta (raw: quoted, still escaped) and summary_index or
+// scanDelta finds the item_id, the delta (quoted, still escaped) and the summary_index or
 // content_index of a delta event without allocating. It knows only the compact, flat shape
 // the backend sends: ok is false for anything else (space, escaped keys, values of other
 // types, nested values with commas, bad syntax), and the caller then asks encoding/json.
@@ -1133,21 +774,460 @@ func stringEnd(data []byte, i int) int {
 	return -1
 }
 
-// appendString appends s as a JSON string.
-func appendString(dst, s []byte) []byte {
-	return append(appendEscaped(append(dst, '"'), s), '"')
+// backendError is the error of response.failed or of an error event.
+type backendError struct {
+	Type    string `json:"type"`
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// tokenUsage is the backend's token usage; the details may be null, which leaves them zero.
+type tokenUsage struct {
+	InputTokens        int `json:"input_tokens"`
+	OutputTokens       int `json:"output_tokens"`
+	TotalTokens        int `json:"total_tokens"`
+	InputTokensDetails struct {
+		CachedTokens int `json:"cached_tokens"`
+	} `json:"input_tokens_details"`
+	OutputTokensDetails struct {
+		ReasoningTokens int `json:"reasoning_tokens"`
+	} `json:"output_tokens_details"`
+}
+
+// backendResponse is the part of a "response" object the turn reads.
+type backendResponse struct {
+	ID                string            `json:"id"`
+	Output            []json.RawMessage `json:"output"`
+	Usage             tokenUsage        `json:"usage"`
+	Error             *backendError     `json:"error"`
+	IncompleteDetails struct {
+		Reason string `json:"reason"`
+	} `json:"incomplete_details"`
+}
+
+// outputItem is the part of an output item the renderers read.
+type outputItem struct {
+	Type      string       `json:"type"`
+	ID        string       `json:"id"`
+	CallID    string       `json:"call_id"`
+	Name      string       `json:"name"`
+	Arguments string       `json:"arguments"`
+	Content   []outputText `json:"content"`
+	Summary   []outputText `json:"summary"`
+}
+
+// outputText is a content or summary part of an output item.
+type outputText struct {
+	Text    string `json:"text"`
+	Refusal string `json:"refusal"`
+}
+
+// pieceKind says what a piece of the reply is.
+type pieceKind int
+
+const (
+	pieceText      pieceKind = iota // answer text
+	pieceReasoning                  // reasoning summary or text
+	pieceCall                       // a function call starts: id, name, first arguments
+	pieceArgs                       // more arguments of call
+)
+
+// piece is a bit of the reply as it grows, the same for every client API.
+type piece struct {
+	kind   pieceKind
+	item   string // the output item's id
+	part   int    // reasoning: which part of the item (a new part is a new paragraph)
+	text   string // the text, reasoning or arguments
+	call   int    // calls: the call's place among the reply's calls
+	callID string
+	name   string
+}
+
+// turn is what one backend stream said, and the only copy of the reply: the session saves it
+// and every renderer reads it. add is its only writer.
+type turn struct {
+	id         string            // the response id
+	items      []json.RawMessage // the reply's output items, in output_index order
+	response   json.RawMessage   // the response object of the terminal event
+	usage      tokenUsage
+	incomplete string // incomplete_details.reason
+	err        error  // from response.failed or an error event
+	done       bool   // a terminal event arrived: nothing follows
+
+	indexes  []int       // output_index of each item that came by output_item.done
+	sawItems bool        // some item came by output_item.done
+	streamed []string    // ids of items whose content came as deltas
+	calls    []callState // the reply's function calls so far
+	p        piece       // the piece being emitted, kept here so emitting costs no allocation
+}
+
+// emit passes p to emit.
+func (t *turn) emit(emit func(*piece), p piece) {
+	t.p = p
+	emit(&t.p)
+}
+
+// callState is one function call of the reply.
+type callState struct {
+	itemID, callID string // deltas name the item (fc_…), not the call
+	argsSent       bool
+}
+
+// add takes in one event and passes the pieces of the reply it carries to emit.
+func (t *turn) add(ev *event, emit func(*piece)) {
+	switch ev.typ {
+	case "response.output_text.delta":
+		t.mark(ev.ItemID)
+		t.emit(emit, piece{kind: pieceText, item: ev.ItemID, text: ev.Delta})
+	case "response.reasoning_summary_text.delta":
+		t.mark(ev.ItemID)
+		t.emit(emit, piece{kind: pieceReasoning, item: ev.ItemID, part: ev.SummaryIndex, text: ev.Delta})
+	case "response.reasoning_text.delta": // raw reasoning: parts apart from the summary's
+		t.mark(ev.ItemID)
+		t.emit(emit, piece{kind: pieceReasoning, item: ev.ItemID, part: -1 - ev.ContentIndex, text: ev.Delta})
+	case "response.function_call_arguments.delta":
+		if i := t.call(ev.ItemID, ""); i >= 0 {
+			t.calls[i].argsSent = true
+			t.emit(emit, piece{kind: pieceArgs, call: i, text: ev.Delta})
+		}
+	case "response.output_item.added":
+		var it outputItem
+		if json.Unmarshal(ev.Item, &it) == nil && it.Type == "function_call" {
+			t.newCall(&it, emit)
+		}
+	case "response.output_item.done":
+		if len(ev.Item) == 0 {
+			return
+		}
+		t.sawItems = true
+		i, _ := slices.BinarySearch(t.indexes, ev.OutputIndex+1) // after equal indexes: arrival order
+		t.indexes = slices.Insert(t.indexes, i, ev.OutputIndex)
+		t.items = slices.Insert(t.items, i, ev.Item)
+		t.itemDone(ev.Item, emit)
+	case "response.completed", "response.done", "response.incomplete":
+		// Codex knows only response.completed; peers accept response.done, and the Responses
+		// API has response.incomplete.
+		if ev.ok {
+			t.finish(ev.Response, emit)
+		}
+	case "response.failed", "error":
+		t.err = ev.failure()
+	}
+}
+
+// finish ends the turn with the terminal response. Its output is the reply when it has one;
+// when it is empty (the Codex CLI's own fixtures send "output":[]) the streamed items are.
+func (t *turn) finish(raw json.RawMessage, emit func(*piece)) {
+	var r backendResponse
+	_ = json.Unmarshal(raw, &r) // absent or garbled: the streamed items still count
+	t.done, t.response, t.id = true, raw, r.ID
+	t.usage, t.incomplete = r.Usage, r.IncompleteDetails.Reason
+	if len(r.Output) > 0 {
+		t.items = r.Output
+	}
+	if !t.sawItems { // the items exist only here: nothing of them reached the client yet
+		for _, raw := range t.items {
+			t.itemDone(raw, emit)
+		}
+	}
+}
+
+// mark remembers that item id's content came as deltas.
+func (t *turn) mark(id string) {
+	if !slices.Contains(t.streamed, id) {
+		t.streamed = append(t.streamed, id)
+	}
+}
+
+// call finds a call by its item id or call id; -1 when unknown.
+func (t *turn) call(itemID, callID string) int {
+	return slices.IndexFunc(t.calls, func(c callState) bool {
+		return c.itemID == itemID && itemID != "" || c.callID == callID && callID != ""
+	})
+}
+
+// newCall registers a function call and emits its start.
+func (t *turn) newCall(it *outputItem, emit func(*piece)) {
+	t.calls = append(t.calls, callState{it.ID, it.CallID, it.Arguments != ""})
+	t.emit(emit, piece{kind: pieceCall, item: it.ID, call: len(t.calls) - 1, text: it.Arguments,
+		callID: it.CallID, name: it.Name})
+}
+
+// itemDone emits what a finished item holds that its deltas did not deliver: the whole text
+// or reasoning of a stream without deltas, a call never announced, or arguments that never
+// came as deltas.
+func (t *turn) itemDone(raw json.RawMessage, emit func(*piece)) {
+	var it outputItem
+	if json.Unmarshal(raw, &it) != nil || it.ID != "" && slices.Contains(t.streamed, it.ID) {
+		return
+	}
+	switch it.Type {
+	case "message":
+		var b strings.Builder
+		for _, p := range it.Content {
+			b.WriteString(p.Text + p.Refusal)
+		}
+		if b.Len() > 0 {
+			t.emit(emit, piece{kind: pieceText, item: it.ID, text: b.String()})
+		}
+	case "reasoning":
+		for i, p := range slices.Concat(it.Content, it.Summary) {
+			t.emit(emit, piece{kind: pieceReasoning, item: it.ID, part: 1<<20 + i, text: p.Text})
+		}
+	case "function_call":
+		i := t.call(it.ID, it.CallID)
+		if i < 0 {
+			t.newCall(&it, emit)
+		} else if !t.calls[i].argsSent && it.Arguments != "" {
+			t.calls[i].argsSent = true
+			t.emit(emit, piece{kind: pieceArgs, call: i, text: it.Arguments})
+		}
+	}
+}
+
+// failure is the error an error or response.failed event reports.
+func (ev *event) failure() error {
+	e := cmp.Or(ev.Error, &backendError{Code: ev.Code, Message: ev.Message})
+	var r backendResponse
+	if json.Unmarshal(ev.Response, &r) == nil && r.Error != nil {
+		e = r.Error
+	}
+	return failureError(cmp.Or(e.Code, e.Type), e.Message)
+}
+
+// failureError is the error of a backend failure code, keeping the backend's message. The
+// Codex CLI treats context_length_exceeded as the caller's fault and the quota codes as limits
+// (codex-rs/codex-api/src/sse/responses.rs).
+func failureError(code, message string) error {
+	e := &apiError{kind: errBackend, code: code,
+		msg: cmp.Or(message, "upstream response failed ("+cmp.Or(code, "no code")+")")}
+	switch code {
+	case "context_length_exceeded":
+		e.kind = errInvalid
+	case "rate_limit_exceeded", "insufficient_quota", "usage_not_included", "usage_limit_reached":
+		e.kind = errLimited
+	}
+	return e
+}
+
+// finishReason maps how the turn ended to the chat finish_reason.
+func (t *turn) finishReason(toolCalls bool) string {
+	switch {
+	case toolCalls:
+		return "tool_calls"
+	case t.incomplete == "max_output_tokens":
+		return "length"
+	case t.incomplete == "content_filter":
+		return t.incomplete
+	}
+	return "stop"
+}
+
+// paragraphs joins reasoning as it arrives: a new part, or a part of another item, starts a
+// new paragraph.
+type paragraphs struct {
+	item  string
+	part  int
+	begun bool
+}
+
+// sep returns what goes before p's text: a blank line when it starts a new part.
+func (g *paragraphs) sep(p *piece) string {
+	sep := ""
+	if g.begun && (p.item != g.item || p.part != g.part) {
+		sep = "\n\n"
+	}
+	g.item, g.part, g.begun = p.item, p.part, true
+	return sep
+}
+
+// chatUsage is the usage object of Chat Completions.
+type chatUsage struct {
+	PromptTokens        int `json:"prompt_tokens"`
+	CompletionTokens    int `json:"completion_tokens"`
+	TotalTokens         int `json:"total_tokens"`
+	PromptTokensDetails struct {
+		CachedTokens int `json:"cached_tokens"`
+	} `json:"prompt_tokens_details"`
+	CompletionTokensDetails struct {
+		ReasoningTokens int `json:"reasoning_tokens"`
+	} `json:"completion_tokens_details"`
+}
+
+// chatUsageOf converts the backend's usage.
+func chatUsageOf(u tokenUsage) *chatUsage {
+	c := &chatUsage{PromptTokens: u.InputTokens, CompletionTokens: u.OutputTokens,
+		TotalTokens: cmp.Or(u.TotalTokens, u.InputTokens+u.OutputTokens)}
+	c.PromptTokensDetails.CachedTokens = u.InputTokensDetails.CachedTokens
+	c.CompletionTokensDetails.ReasoningTokens = u.OutputTokensDetails.ReasoningTokens
+	return c
+}
+
+// chatToolCall is a tool call of a chat message, or the start of one in a chunk.
+type chatToolCall struct {
+	Index    *int   `json:"index,omitempty"`
+	ID       string `json:"id"`
+	Type     string `json:"type"`
+	Function struct {
+		Name      string `json:"name"`
+		Arguments string `json:"arguments"`
+	} `json:"function"`
+}
+
+// chatCompletion builds the chat.completion of a finished turn. Unlike the stream, which cannot
+// take back tags it already sent, it has no tags when the turn calls tools.
+func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode, jsonMode bool) []byte {
+	type message struct {
+		Role             string         `json:"role"`
+		Content          *string        `json:"content"`
+		ReasoningContent string         `json:"reasoning_content,omitempty"`
+		ToolCalls        []chatToolCall `json:"tool_calls,omitempty"`
+	}
+	var text, reasoning strings.Builder
+	var g paragraphs
+	m := message{Role: "assistant"}
+	collect(t, func(p *piece) {
+		switch p.kind {
+		case pieceText:
+			text.WriteString(p.text)
+		case pieceReasoning:
+			if mode != reasoningNone {
+				reasoning.WriteString(g.sep(p) + p.text)
+			}
+		case pieceCall:
+			tc := chatToolCall{ID: p.callID, Type: "function"}
+			tc.Function.Name, tc.Function.Arguments = p.name, p.text
+			m.ToolCalls = append(m.ToolCalls, tc)
+		case pieceArgs:
+			m.ToolCalls[p.call].Function.Arguments += p.text
+		}
+	})
+	out, calls := text.String(), len(m.ToolCalls) > 0
+	m.ReasoningContent = reasoning.String()
+	if mode == reasoningTags && !jsonMode && !calls && m.ReasoningContent != "" && out != "" {
+		out = "<reasoning>" + m.ReasoningContent + "</reasoning>\n\n" + out // the guide's tags
+	}
+	if out != "" || !calls {
+		m.Content = &out
+	}
+	type choice struct {
+		Index        int     `json:"index"`
+		Message      message `json:"message"`
+		FinishReason string  `json:"finish_reason"`
+	}
+	return marshal(struct {
+		ID      string     `json:"id"`
+		Object  string     `json:"object"`
+		Created int64      `json:"created"`
+		Model   string     `json:"model"`
+		Choices []choice   `json:"choices"`
+		Usage   *chatUsage `json:"usage"`
+	}{id, "chat.completion", created, model, []choice{{0, m, t.finishReason(calls)}}, chatUsageOf(t.usage)})
+}
+
+// collect passes the pieces of a finished turn's items to emit, as if each came whole.
+func collect(t *turn, emit func(*piece)) {
+	var u turn
+	for _, raw := range t.items {
+		u.itemDone(raw, emit)
+	}
+}
+
+// chatStream turns the pieces of a reply into chat.completion.chunk payloads as they arrive.
+// Deltas are most of a stream, so chunks are written from a template rather than by
+// encoding/json: it takes a third of the proxy's CPU per delta (README, Performance).
+type chatStream struct {
+	head     []byte // every chunk up to `"choices":[`
+	mode     reasoningMode
+	emit     func([]byte) // must not keep the slice
+	roleSent bool
+	tagsDone bool            // the reasoning tags were sent, or will never be
+	tags     strings.Builder // reasoning held back for the tags until the answer starts
+	calls    int
+	g        paragraphs
+	buf, d   []byte // reused for the chunk and its delta
+}
+
+// newChatStream starts a chat stream; id, created and model appear in every chunk.
+func newChatStream(id string, created int64, model string, mode reasoningMode, jsonMode bool,
+	emit func([]byte)) *chatStream {
+	head := fmt.Appendf(nil, `{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":[`,
+		marshal(id), created, marshal(model))
+	return &chatStream{head: head, mode: mode, emit: emit, tagsDone: mode != reasoningTags || jsonMode}
+}
+
+// send emits one chunk with the delta d and a finish_reason (null when empty). The role goes
+// first, in a chunk of its own, once there is something to say.
+func (s *chatStream) send(d []byte, finish string) {
+	if !s.roleSent {
+		s.roleSent = true
+		s.send([]byte(`{"role":"assistant","content":""}`), "")
+	}
+	s.buf = append(append(append(s.buf[:0], s.head...), `{"index":0,"delta":`...), d...)
+	if finish == "" {
+		s.buf = append(s.buf, `,"finish_reason":null}]}`...)
+	} else {
+		s.buf = append(append(append(s.buf, `,"finish_reason":"`...), finish...), `"}]}`...)
+	}
+	s.emit(s.buf)
+}
+
+// text emits {key: pre+text} as one delta.
+func (s *chatStream) text(key, pre, text string) {
+	s.d = append(append(append(s.d[:0], `{"`...), key...), `":"`...)
+	s.d = append(appendEscaped(appendEscaped(s.d, pre), text), `"}`...)
+	s.send(s.d, "")
+}
+
+// piece emits the chunks of one piece of the reply.
+func (s *chatStream) piece(p *piece) {
+	switch p.kind {
+	case pieceText:
+		if !s.tagsDone && s.tags.Len() > 0 {
+			s.text("content", "<reasoning>"+s.tags.String()+"</reasoning>\n\n", "")
+		}
+		s.tagsDone = true
+		s.text("content", "", p.text)
+	case pieceReasoning:
+		if s.mode == reasoningNone {
+			return
+		}
+		sep := s.g.sep(p)
+		if !s.tagsDone {
+			s.tags.WriteString(sep + p.text)
+		}
+		s.text("reasoning_content", sep, p.text)
+	case pieceCall: // the turn goes to tool calls: no tags
+		s.tagsDone = true
+		s.calls++
+		tc := chatToolCall{Index: &p.call, ID: p.callID, Type: "function"}
+		tc.Function.Name, tc.Function.Arguments = p.name, p.text
+		s.send(fmt.Appendf(s.d[:0], `{"tool_calls":[%s]}`, marshal(tc)), "")
+	case pieceArgs:
+		s.d = strconv.AppendInt(append(s.d[:0], `{"tool_calls":[{"index":`...), int64(p.call), 10)
+		s.d = append(appendEscaped(append(s.d, `,"function":{"arguments":"`...), p.text), `"}}]}`...)
+		s.send(s.d, "")
+	}
+}
+
+// finish emits the one chunk with a finish_reason and, when asked for, the usage chunk.
+func (s *chatStream) finish(t *turn, includeUsage bool) {
+	s.send([]byte("{}"), t.finishReason(s.calls > 0))
+	if includeUsage {
+		s.emit(fmt.Appendf(s.buf[:0], `%s],"usage":%s}`, s.head, marshal(chatUsageOf(t.usage))))
+	}
 }
 
 // appendEscaped appends s escaped for the inside of a JSON string, byte for byte as
 // encoding/json does without HTML escaping: short escapes, \u00XX for other control
 // characters, \u2028 and \u2029 (JavaScript line terminators), U+FFFD for invalid UTF-8.
-func appendEscaped(dst, s []byte) []byte {
+func appendEscaped(dst []byte, s string) []byte {
 	const hex = "0123456789abcdef"
 	start := 0
 	for i := 0; i < len(s); {
 		c, size := rune(s[i]), 1
 		if c >= utf8.RuneSelf {
-			c, size = utf8.DecodeRune(s[i:])
+			c, size = utf8.DecodeRuneInString(s[i:])
 		}
 		if c >= 0x20 && c != '"' && c != '\\' && c != '\u2028' && c != '\u2029' && (c != utf8.RuneError || size > 1) {
 			i += size
@@ -1163,4 +1243,26 @@ func appendEscaped(dst, s []byte) []byte {
 		start = i
 	}
 	return append(dst, s[start:]...)
+}
+
+// responseObject is the Responses API object of a finished turn, for clients that do not
+// stream: the terminal response with the turn's items as "output", and "output_text".
+func responseObject(t *turn) []byte {
+	var o object
+	if json.Unmarshal(t.response, &o) != nil || o == nil {
+		o = object{"object": json.RawMessage(`"response"`)}
+	}
+	var text strings.Builder
+	collect(t, func(p *piece) {
+		if p.kind == pieceText {
+			text.WriteString(p.text)
+		}
+	})
+	items := t.items
+	if items == nil {
+		items = []json.RawMessage{}
+	}
+	o["output"] = marshal(items)
+	o["output_text"] = marshal(text.String())
+	return marshal(o)
 }

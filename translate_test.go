@@ -75,15 +75,15 @@ func translateCase(t *testing.T, gc *goldenCase) any {
 		if err != nil {
 			return errorView(err)
 		}
-		return map[string]any{"upstream": c.req, "ignored": c.ignored, "stream": c.stream,
+		return map[string]any{"upstream": upstreamOf(c), "ignored": c.ignored, "stream": c.stream,
 			"include_usage": c.includeUsage, "json_mode": c.jsonMode}
 	case "responses":
 		c, err := parseResponses(gc.Request)
 		if err != nil {
 			return errorView(err)
 		}
-		return map[string]any{"upstream": c.req, "ignored": c.ignored, "stream": c.stream,
-			"previous_response_id": c.previousResponseID}
+		return map[string]any{"upstream": upstreamOf(c), "ignored": c.ignored, "stream": c.stream,
+			"previous_response_id": c.previousID}
 	case "events":
 		chunks, streamErr := runStream(gc)
 		tr := runTurn(gc.Events)
@@ -95,7 +95,7 @@ func translateCase(t *testing.T, gc *goldenCase) any {
 			out["turn_error"] = errorView(tr.err)
 		} else {
 			out["completion"] = json.RawMessage(chatCompletion(tr, testID, testCreated, testModel, gc.Mode, gc.JSONMode))
-			out["response"] = json.RawMessage(tr.responseObject())
+			out["response"] = json.RawMessage(responseObject(tr))
 		}
 		return out
 	}
@@ -103,17 +103,29 @@ func translateCase(t *testing.T, gc *goldenCase) any {
 	return nil
 }
 
-// runStream feeds the events to a chatStream and collects the chunks (copied: emit's slice is reused).
+// upstreamOf is the upstream body a call gives when the instructions pass as the client sent
+// them (--instructions none).
+func upstreamOf(c *call) json.RawMessage {
+	return buildRequest(c, c.input, prompt{key: c.instructions}, "").body
+}
+
+// runStream feeds the events to a turn and a chat stream and collects the chunks, as a
+// streamed chat turn does.
 func runStream(gc *goldenCase) ([]json.RawMessage, error) {
-	s := newChatStream(testID, testCreated, testModel, gc.Mode, gc.JSONMode, gc.IncludeUsage)
 	chunks := []json.RawMessage{}
+	s := newChatStream(testID, testCreated, testModel, gc.Mode, gc.JSONMode, func(c []byte) {
+		chunks = append(chunks, bytes.Clone(c))
+	})
+	var t turn
+	var e event
 	for _, ev := range gc.Events {
-		err := s.event(eventType(nil, ev), ev, func(c []byte) error {
-			chunks = append(chunks, bytes.Clone(c))
-			return nil
-		})
-		if err != nil {
-			return chunks, err
+		e.decode(nil, ev)
+		if t.add(&e, s.piece); t.err != nil {
+			return chunks, t.err
+		}
+		if t.done {
+			s.finish(&t, gc.IncludeUsage)
+			break
 		}
 	}
 	return chunks, nil
@@ -122,18 +134,17 @@ func runStream(gc *goldenCase) ([]json.RawMessage, error) {
 // runTurn feeds the events to a turn.
 func runTurn(events []json.RawMessage) *turn {
 	tr := &turn{}
+	var e event
 	for _, ev := range events {
-		tr.observe(eventType(nil, ev), ev)
+		e.decode(nil, ev)
+		tr.add(&e, func(*piece) {})
 	}
 	return tr
 }
 
-// errorView shows an *apiError in golden files.
+// errorView shows an error in golden files as the client sees it.
 func errorView(err error) map[string]any {
-	e, ok := err.(*apiError)
-	if !ok {
-		return map[string]any{"not_api_error": err.Error()}
-	}
+	e := show(err)
 	return map[string]any{"status": e.status, "type": e.typ, "code": e.code, "param": e.param, "message": e.message}
 }
 
@@ -211,10 +222,10 @@ func TestParseErrors(t *testing.T) {
 			} else {
 				_, err = parseResponses([]byte(tc.body))
 			}
-			ae, ok := err.(*apiError)
-			if !ok {
-				t.Fatalf("parse %s(%s) error = %v; want *apiError", tc.kind, tc.body, err)
+			if err == nil {
+				t.Fatalf("parse %s(%s) succeeded; want an error", tc.kind, tc.body)
 			}
+			ae := show(err)
 			if ae.status != 400 || ae.typ != "invalid_request_error" || ae.param != tc.param || ae.message == "" {
 				t.Errorf("parse %s(%s) = %d %s param %q %q; want 400 invalid_request_error param %q",
 					tc.kind, tc.body, ae.status, ae.typ, ae.param, ae.message, tc.param)
@@ -269,13 +280,13 @@ func TestFailureError(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.code, func(t *testing.T) {
-			e := failureError(tc.code, "Upstream said: <exactly> this.")
+			e := show(failureError(tc.code, "Upstream said: <exactly> this."))
 			if e.status != tc.status || e.typ != tc.typ || e.code != tc.code || e.message != "Upstream said: <exactly> this." {
 				t.Errorf("failureError(%q) = %+v; want status %d type %s, message verbatim", tc.code, e, tc.status, tc.typ)
 			}
 		})
 	}
-	if e := failureError("boom", ""); e.message == "" {
+	if e := failureError("boom", ""); e.Error() == "" {
 		t.Errorf("failureError(boom, \"\") has an empty message")
 	}
 }
@@ -287,8 +298,8 @@ var trickyStrings = []string{
 	"bad utf8 \xff\xfe end", "truncated \xe2\x82", "surrogate-ish \xed\xa0\x80",
 }
 
-// TestAppendString compares the hand-written escaper with encoding/json, byte for byte.
-func TestAppendString(t *testing.T) {
+// TestAppendEscaped compares the hand-written escaper with encoding/json, byte for byte.
+func TestAppendEscaped(t *testing.T) {
 	for _, s := range trickyStrings {
 		var want bytes.Buffer
 		enc := json.NewEncoder(&want)
@@ -296,14 +307,15 @@ func TestAppendString(t *testing.T) {
 		if err := enc.Encode(s); err != nil {
 			t.Fatal(err)
 		}
-		got := appendString(nil, []byte(s))
+		got := append(appendEscaped([]byte{'"'}, s), '"')
 		if !bytes.Equal(got, bytes.TrimSuffix(want.Bytes(), []byte("\n"))) {
-			t.Errorf("appendString(%q) = %s; want %s", s, got, want.Bytes())
+			t.Errorf("appendEscaped(%q) = %s; want %s", s, got, want.Bytes())
 		}
 	}
 }
 
-// TestScanDelta compares the fast delta path with encoding/json on escaped and odd shapes.
+// TestScanDelta compares the fast delta path of event.decode with encoding/json on escaped and
+// odd shapes.
 func TestScanDelta(t *testing.T) {
 	events := []string{
 		`{"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hel"}`,
@@ -329,16 +341,14 @@ func TestScanDelta(t *testing.T) {
 				ContentIndex int     `json:"content_index"`
 			}
 			wantOK := json.Unmarshal([]byte(ev), &want) == nil && want.Delta != nil
-			s := newChatStream("x", 0, "m", reasoningField, false, false)
-			id, delta, idx, ok := s.fastDelta([]byte(ev))
-			if ok != wantOK {
-				t.Fatalf("fastDelta ok = %v; want %v", ok, wantOK)
+			var got event
+			got.decode([]byte("response.output_text.delta"), []byte(ev))
+			if !wantOK {
+				return // nothing to compare: encoding/json finds no delta either
 			}
-			if !ok {
-				return
-			}
-			if string(id) != want.ItemID || string(delta) != *want.Delta || idx != want.SummaryIndex+want.ContentIndex {
-				t.Errorf("fastDelta = %q, %q, %d; want %q, %q, %d", id, delta, idx, want.ItemID, *want.Delta, want.SummaryIndex+want.ContentIndex)
+			idx := got.SummaryIndex + got.ContentIndex
+			if got.ItemID != want.ItemID || got.Delta != *want.Delta || idx != want.SummaryIndex+want.ContentIndex {
+				t.Errorf("decode = %q, %q, %d; want %q, %q, %d", got.ItemID, got.Delta, idx, want.ItemID, *want.Delta, want.SummaryIndex+want.ContentIndex)
 			}
 		})
 	}
@@ -467,11 +477,13 @@ func TestNormalizeIdempotent(t *testing.T) {
 		`{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":"gAAA"}`,
 	}
 	for _, it := range items {
-		once, err := normalizeItem(json.RawMessage(it))
+		o, err := normalizeItem(json.RawMessage(it))
 		if err != nil {
 			t.Fatal(err)
 		}
-		twice, _ := normalizeItem(once)
+		once := marshal(o)
+		o, _ = normalizeItem(once)
+		twice := marshal(o)
 		if !bytes.Equal(once, twice) {
 			t.Errorf("normalizeItem(normalizeItem(%s)) = %s; want %s", it, twice, once)
 		}
@@ -491,12 +503,12 @@ func TestNormalizeIdempotent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, err := parseResponses(marshal(first.req))
+	again, err := parseResponses(upstreamOf(first))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(marshal(again.req), marshal(first.req)) || len(again.ignored) != 0 {
-		t.Errorf("parseResponses of its own output = %s (ignored %v); want %s", marshal(again.req), again.ignored, marshal(first.req))
+	if !bytes.Equal(upstreamOf(again), upstreamOf(first)) || len(again.ignored) != 0 {
+		t.Errorf("parseResponses of its own output = %s (ignored %v); want %s", upstreamOf(again), again.ignored, upstreamOf(first))
 	}
 }
 
@@ -510,29 +522,35 @@ func TestTurnOrder(t *testing.T) {
 		`{"type":"response.output_text.delta","delta":"ignored"}`,
 		`{"type":"response.output_item.done","output_index":1,"item":{"type":"message","content":[{"type":"output_text","text":"b"}]}}`,
 	} {
-		tr.observe(eventType(nil, []byte(ev)), []byte(ev))
+		var e event
+		e.decode(nil, []byte(ev))
+		tr.add(&e, func(*piece) {})
 	}
 	var obj struct {
 		Object     string `json:"object"`
 		OutputText string `json:"output_text"`
 	}
-	if err := json.Unmarshal(tr.responseObject(), &obj); err != nil || obj.OutputText != "abc" || obj.Object != "response" || tr.completed {
-		t.Errorf("responseObject() = %+v, %v (completed %v); want object response, output_text abc", obj, err, tr.completed)
+	if err := json.Unmarshal(responseObject(tr), &obj); err != nil || obj.OutputText != "abc" || obj.Object != "response" || tr.done {
+		t.Errorf("responseObject() = %+v, %v (done %v); want object response, output_text abc", obj, err, tr.done)
 	}
 }
 
-// BenchmarkChatDelta measures the hot path: one response.output_text.delta into one chunk.
+// BenchmarkChatDelta measures the hot path: one response.output_text.delta, decoded, taken in
+// by the turn and written as one chunk.
 func BenchmarkChatDelta(b *testing.B) {
 	ev := []byte(`{"type":"response.output_text.delta","sequence_number":42,"item_id":"msg_68a1b2c3d4e5f6","output_index":1,"content_index":0,"delta":" the quick brown fox \"jumps\"\n","logprobs":[],"obfuscation":"k3Jd9s"}`)
-	s := newChatStream("chatcmpl-0123456789abcdef", 1763900000, "gpt-5.1-codex", reasoningTags, false, false)
+	name := []byte("response.output_text.delta")
 	n := 0
-	emit := func(c []byte) error { n += len(c); return nil }
-	_ = s.event("response.output_text.delta", ev, emit) // role chunk out of the way
+	s := newChatStream("chatcmpl-0123456789abcdef", 1763900000, "gpt-5.1-codex", reasoningTags, false,
+		func(c []byte) { n += len(c) })
+	var t turn
+	var e event
+	e.decode(name, ev)
+	t.add(&e, s.piece) // the role chunk out of the way
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := s.event("response.output_text.delta", ev, emit); err != nil {
-			b.Fatal(err)
-		}
+		e.decode(name, ev)
+		t.add(&e, s.piece)
 	}
 }
 
@@ -555,28 +573,19 @@ func FuzzParseRequests(f *testing.F) {
 	goldenSeeds(f, "chat", func(gc goldenCase) { f.Add(true, []byte(gc.Request)) })
 	goldenSeeds(f, "responses", func(gc goldenCase) { f.Add(false, []byte(gc.Request)) })
 	f.Fuzz(func(t *testing.T, chat bool, body []byte) {
-		var req upstreamRequest
-		var err error
+		parse := parseResponses
 		if chat {
-			var c chatCall
-			c, err = parseChat(body)
-			req = c.req
-		} else {
-			var c responsesCall
-			c, err = parseResponses(body)
-			req = c.req
+			parse = parseChat
 		}
+		c, err := parse(body)
 		if err != nil {
-			if ae, ok := err.(*apiError); !ok || ae.status != 400 {
-				t.Fatalf("refusal %v is not a 400 *apiError", err)
+			if show(err).status != 400 {
+				t.Fatalf("refusal %v is not a 400", err)
 			}
 			return
 		}
-		req.Model = "gpt-5.5" // any model name is the backend's business
-		b, err := json.Marshal(req)
-		if err != nil {
-			t.Fatalf("translated request does not encode: %v", err)
-		}
+		c.model = "gpt-5.5" // any model name is the backend's business
+		b := upstreamOf(c)
 		var m map[string]any
 		if err := json.Unmarshal(b, &m); err != nil {
 			t.Fatalf("translated request is not JSON: %v", err)
@@ -602,23 +611,23 @@ func FuzzBackendEvents(f *testing.F) {
 		if tags {
 			mode = reasoningTags
 		}
-		cs := newChatStream(testID, testCreated, testModel, mode, jsonMode, true)
+		cs := newChatStream(testID, testCreated, testModel, mode, jsonMode, func(chunk []byte) {
+			if !json.Valid(chunk) {
+				t.Fatalf("chunk is not JSON: %s", chunk)
+			}
+		})
 		var tr turn
+		var e event
 		for _, data := range bytes.Split(stream, []byte("\n")) {
-			typ := eventType(nil, data)
-			tr.observe(typ, data)
-			cs.event(typ, data, func(chunk []byte) error {
-				if !json.Valid(chunk) {
-					t.Fatalf("chunk is not JSON: %s", chunk)
-				}
-				return nil
-			})
+			e.decode(nil, data)
+			tr.add(&e, cs.piece)
 		}
+		cs.finish(&tr, true)
 		if out := chatCompletion(&tr, testID, testCreated, testModel, mode, jsonMode); !json.Valid(out) {
 			t.Fatalf("chat completion is not JSON: %s", out)
 		}
-		if tr.completed {
-			if out := tr.responseObject(); !json.Valid(out) {
+		if tr.done {
+			if out := responseObject(&tr); !json.Valid(out) {
 				t.Fatalf("response object is not JSON: %s", out)
 			}
 		}
