@@ -5,17 +5,18 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
 	"net/http"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -156,7 +157,7 @@ func clientGone(r *http.Request, err error) bool {
 func newServer(logger *slog.Logger, cfg config, auth *authStore, sessions *sessionStore, up *upstream,
 	models *catalog) http.Handler {
 	mux := http.NewServeMux()
-	p := &prompts{instructions: cfg.instructions, models: models, needs: map[string]bool{}}
+	p := &prompts{instructions: cfg.instructions, models: models, needs: map[string]string{}}
 	addRoutes(mux, cfg, auth, sessions, up, models, p)
 	var h http.Handler = jsonNotFound(mux)
 	h = requireKey(cfg.apiKey, h)
@@ -348,13 +349,19 @@ func handleHealth(auth *authStore) http.Handler {
 }
 
 // handleTurn answers Chat Completions and Responses requests. The path of one request: parse
-// the body into a call, open its session, send the one upstream request, read the backend's
-// stream into a turn while the output renders it, save the turn, end the answer.
+// the body into a call, check it against the model's catalog entry, open its session, send the
+// one upstream request, read the backend's stream into a turn while the renderer writes it,
+// save the turn, end the answer.
 func handleTurn(sessions *sessionStore, up *upstream, p *prompts, mode reasoningMode,
 	keepalive time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, err := readCall(w, r)
 		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		m := p.models.find(r.Context(), c.model)
+		if err := check(c, m); err != nil {
 			writeError(w, r, err)
 			return
 		}
@@ -375,12 +382,7 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, mode reasoning
 		}
 		out := newRenderer(w, r, c, mode, keepalive)
 		var t turn
-		resp, err := p.send(r.Context(), up, c, input, sid)
-		if err == nil {
-			maps.Copy(w.Header(), codexHeaders(resp.Header))
-			err = readTurn(resp.Body, &t, out)
-			resp.Body.Close()
-		}
+		err = exchange(r.Context(), up, p, c, input, m, sid, &t, out, w.Header())
 		if err == nil {
 			err = sess.commit(input, t.items, t.id)
 		}
@@ -390,6 +392,31 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, mode reasoning
 		}
 		out.end(&t)
 	})
+}
+
+// exchange sends the call's request and reads the backend's stream into t. Overload that the
+// backend reports inside the stream before any output is retried like a 5xx, with the same
+// bounded backoff: nothing of it has reached the client (openai/codex#43337).
+func exchange(ctx context.Context, up *upstream, p *prompts, c *call, input []json.RawMessage,
+	m *catalogModel, sid string, t *turn, out renderer, h http.Header) error {
+	for attempt := 0; ; attempt++ {
+		resp, err := p.send(ctx, up, c, input, m, sid)
+		if err != nil {
+			return err
+		}
+		maps.Copy(h, codexHeaders(resp.Header))
+		err = readTurn(resp.Body, t, out)
+		resp.Body.Close()
+		var ae *apiError
+		if t.began || attempt >= up.retries || !errors.As(err, &ae) || ae.kind != errUnavailable &&
+			ae.code != "rate_limit_exceeded" {
+			return err
+		}
+		if err := sleepCtx(ctx, up.backoff<<attempt); err != nil {
+			return err
+		}
+		*t = turn{}
+	}
 }
 
 // readCall reads a chat or Responses body into a call. A body with "messages" is a chat
@@ -412,7 +439,7 @@ func readCall(w http.ResponseWriter, r *http.Request) (*call, error) {
 	if err != nil {
 		return nil, err
 	}
-	ri.model, ri.stream = c.model, c.stream
+	ri.model, ri.stream, c.lite = c.model, c.stream, r.Header.Get(liteHeader) == "true"
 	// The Codex CLI's turn headers pass through: the backend may route a turn by
 	// x-codex-turn-state (codex-rs/codex-api/src/requests/headers.rs).
 	c.header = http.Header{}
@@ -441,20 +468,39 @@ func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, st
 	id := cmp.Or(r.PathValue("session_id"), r.Header.Get("Session-Id"), r.Header.Get("Session_id"),
 		r.Header.Get("X-Session-Id"))
 	if id == "" && c.chat {
-		return nil, newUUID(), nil
+		return nil, conversationID(c, r), nil
 	}
 	id = cmp.Or(id, newUUID())
 	sess, err := sessions.acquire(r.Context(), id)
 	return sess, id, err
 }
 
+// conversationID names a chat conversation that has no session: a hash of its opening (the
+// system prompt and the first user message) and of the client's key, so a client that resends
+// its history hits the backend's prompt cache on every turn, and two clients never share one.
+func conversationID(c *call, r *http.Request) string {
+	h := sha256.New()
+	io.WriteString(h, r.Header.Get("Authorization")+"\x00"+r.Header.Get("X-Api-Key"))
+	for _, it := range c.input {
+		if h.Write(it); bytes.Contains(it, []byte(`"role":"user"`)) {
+			break
+		}
+	}
+	return uuid(h.Sum(nil))
+}
+
 // newUUID returns a random (version 4) UUID, the id the Codex CLI uses for sessions.
 func newUUID() string {
 	var b [16]byte
 	rand.Read(b[:])
+	return uuid(b[:])
+}
+
+// uuid formats the first 16 bytes of b as a version 4 UUID.
+func uuid(b []byte) string {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
-	h := hex.EncodeToString(b[:])
+	h := hex.EncodeToString(b[:16])
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
@@ -593,12 +639,12 @@ type prompts struct {
 	instructions instructions
 	models       *catalog
 	mu           sync.Mutex
-	needs        map[string]bool // auto mode: models the backend wants base instructions for
+	needs        map[string]string // auto mode: what the backend insisted on, per model
 }
 
-// prompt says how the call's request carries instructions. In every mode but none the
-// client's own instructions travel as a leading developer message, as the Codex CLI sends its
-// prompt; none sends exactly what the client sent.
+// prompt says how the call's request carries instructions. In every mode but none the client's
+// own instructions travel as a leading developer message, as the Codex CLI sends its prompt;
+// none sends exactly what the client sent.
 func (p *prompts) prompt(ctx context.Context, c *call) (prompt, error) {
 	switch p.instructions.mode {
 	case "none":
@@ -609,36 +655,48 @@ func (p *prompts) prompt(ctx context.Context, c *call) (prompt, error) {
 	p.mu.Lock()
 	need := p.needs[c.model]
 	p.mu.Unlock()
-	if p.instructions.mode == "catalog" || need {
+	switch {
+	case p.instructions.mode == "catalog" || need == "catalog":
 		text, err := p.models.instructions(ctx, c.model)
 		return prompt{&text, true}, err
+	case need == "empty":
+		return prompt{new(string), true}, nil
 	}
 	return prompt{asMessage: true}, nil
 }
 
-// send posts the call's request. In auto mode a backend that insists on instructions (as in
-// 2025 and early 2026) gets the model's base instructions from the catalog, once, and from then
-// on for that model.
+// send posts the call's request. The Codex CLI sends no instructions, and by default neither
+// does ccproxy. Should the backend answer that instructions are required (reported for some
+// clients in 2026), the request goes once more with "instructions": ""; only if it says they
+// are not valid does it get the model's prompt from the catalog. Either is kept for the model.
 func (p *prompts) send(ctx context.Context, up *upstream, c *call, input []json.RawMessage,
-	sid string) (*http.Response, error) {
+	m *catalogModel, sid string) (*http.Response, error) {
 	pr, err := p.prompt(ctx, c)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := up.send(ctx, buildRequest(c, input, pr, sid))
+	resp, err := up.send(ctx, buildRequest(c, input, m, pr, sid))
 	var ue *upstreamError
-	if p.instructions.mode != "auto" || pr.key != nil || !errors.As(err, &ue) || ue.status != 400 ||
-		!strings.Contains(strings.ToLower(ue.msg), "instructions are") {
+	if p.instructions.mode != "auto" || !errors.As(err, &ue) || ue.status != 400 {
 		return resp, err
 	}
-	text, ierr := p.models.instructions(ctx, c.model)
-	if ierr != nil {
-		return nil, fmt.Errorf("%w (and fetching the model's base instructions failed: %w)", err, ierr)
+	need := ""
+	switch msg := strings.ToLower(ue.msg); {
+	case pr.key == nil && strings.Contains(msg, "instructions are required"):
+		need = "empty"
+	case (pr.key == nil || *pr.key == "") && strings.Contains(msg, "instructions are not valid"):
+		need = "catalog"
+	default:
+		return resp, err
 	}
 	p.mu.Lock()
-	p.needs[c.model] = true
+	p.needs[c.model] = need
 	p.mu.Unlock()
-	return up.send(ctx, buildRequest(c, input, prompt{&text, true}, sid))
+	if pr, perr := p.prompt(ctx, c); perr != nil {
+		return nil, fmt.Errorf("%w (and fetching the model's instructions failed: %w)", err, perr)
+	} else {
+		return up.send(ctx, buildRequest(c, input, m, pr, sid))
+	}
 }
 
 // handleModels lists the catalog's visible models in OpenAI format.
@@ -706,41 +764,13 @@ func handleSessionDelete(sessions *sessionStore) http.Handler {
 	})
 }
 
-// handleUsage reports the latest rate-limit snapshot from the backend's x-codex-* headers.
+// handleUsage reports the plan's rate-limit windows.
 func handleUsage(up *upstream) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hp := up.usage.Load()
-		if hp == nil {
-			writeJSON(w, map[string]any{"available": false})
-			return
+		report, err := up.report(r.Context())
+		if err != nil {
+			info(r).logger.Warn("usage unavailable", "err", err)
 		}
-		h := *hp
-		num := func(name string) any {
-			f, err := strconv.ParseFloat(h.Get("X-Codex-"+name), 64)
-			if err != nil {
-				return nil
-			}
-			return f
-		}
-		window := func(p string) any {
-			if h.Get("X-Codex-"+p+"-Used-Percent") == "" && h.Get("X-Codex-"+p+"-Window-Minutes") == "" {
-				return nil
-			}
-			return map[string]any{"used_percent": num(p + "-Used-Percent"), "window_minutes": num(p + "-Window-Minutes"),
-				"resets_at": num(p + "-Reset-At"), "resets_in_seconds": num(p + "-Reset-After-Seconds")}
-		}
-		flag := func(name string) any {
-			b, err := strconv.ParseBool(strings.ToLower(h.Get("X-Codex-Credits-" + name)))
-			if err != nil {
-				return nil
-			}
-			return b
-		}
-		writeJSON(w, map[string]any{
-			"available": true, "plan": h.Get("X-Codex-Plan-Type"), "active_limit": h.Get("X-Codex-Active-Limit"),
-			"primary": window("Primary"), "secondary": window("Secondary"),
-			"credits": map[string]any{"has_credits": flag("Has-Credits"), "unlimited": flag("Unlimited"),
-				"balance": num("Credits-Balance")},
-		})
+		writeJSON(w, report)
 	})
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -13,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"runtime/metrics"
 	"slices"
@@ -73,7 +75,7 @@ func (fb *fakeBackend) serve(w http.ResponseWriter, r *http.Request) {
 	fb.bodies = append(fb.bodies, body)
 	fb.heads = append(fb.heads, r.Header.Clone())
 	fb.mu.Unlock()
-	if msg := backendRejects(body); msg != "" {
+	if msg := backendRejects(body, r.Header); msg != "" {
 		w.WriteHeader(400)
 		io.WriteString(w, msg)
 		return
@@ -81,10 +83,29 @@ func (fb *fakeBackend) serve(w http.ResponseWriter, r *http.Request) {
 	fb.reply(w, r, body)
 }
 
-// backendRejects returns the real backend's error body for a request it
-// would refuse, or "".
-func backendRejects(body map[string]any) string {
+// fixtureModels is the model catalog of the Codex CLI 0.169.0 (testdata/codex-cli/models.json),
+// by slug, plus gpt-5.3-codex-spark as 2026-07 reports describe it.
+var fixtureModels = func() map[string]catalogModel {
+	var cc cachedCatalog
+	b, err := os.ReadFile("testdata/codex-cli/models.json")
+	if err != nil || json.Unmarshal(b, &cc) != nil {
+		panic(fmt.Sprintf("testdata/codex-cli/models.json: %v", err))
+	}
+	m := map[string]catalogModel{"gpt-5.3-codex-spark": {Slug: "gpt-5.3-codex-spark", Summary: new(bool), Modalities: []string{"text"}}}
+	for _, model := range cc.Models {
+		m[model.Slug] = model
+	}
+	return m
+}()
+
+// backendRejects returns the real backend's error body for a request it would refuse, or "":
+// the rules of 2025-2026 that the Codex CLI's own requests follow.
+func backendRejects(body map[string]any, h http.Header) string {
 	detail := func(s string) string { b, _ := json.Marshal(map[string]string{"detail": s}); return string(b) }
+	param := func(p, msg string) string {
+		b, _ := json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": "invalid_request_error", "param": p, "code": "unsupported_value"}})
+		return string(b)
+	}
 	if body["stream"] != true {
 		return detail("Stream must be set to true")
 	}
@@ -93,21 +114,65 @@ func backendRejects(body map[string]any) string {
 	}
 	for k := range body {
 		if !slices.Contains([]string{"model", "instructions", "input", "tools", "tool_choice", "parallel_tool_calls",
-			"reasoning", "store", "stream", "include", "prompt_cache_key", "text", "client_metadata"}, k) {
+			"reasoning", "store", "stream", "include", "prompt_cache_key", "text", "client_metadata", "service_tier"}, k) {
 			return detail("Unsupported parameter: " + k)
 		}
 	}
-	if model, _ := body["model"].(string); !slices.Contains(backendModels, model) {
+	if tier, ok := body["service_tier"].(string); ok && tier != "priority" && tier != "default" {
+		return detail("Unsupported service_tier: " + tier)
+	}
+	model, _ := body["model"].(string)
+	m, known := fixtureModels[model]
+	if !known && !slices.Contains(backendModels, model) {
 		return detail(fmt.Sprintf("The '%v' model is not supported when using Codex with a ChatGPT account.", body["model"]))
 	}
+	lite := h.Get("X-Openai-Internal-Codex-Responses-Lite") == "true"
+	switch {
+	case lite && !m.Lite:
+		return detail("This model is not supported when using X-OpenAI-Internal-Codex-Responses-Lite.")
+	case !lite && m.Lite:
+		return detail("The '" + model + "' model requires the Responses Lite request format.")
+	case lite && body["parallel_tool_calls"] != false:
+		return detail("X-OpenAI-Internal-Codex-Responses-Lite requires `parallel_tool_calls` to be false.")
+	case lite && jsonPath(body, "reasoning", "context") != "all_turns":
+		return param("reasoning.context", "Unsupported value: reasoning.context must be 'all_turns'.")
+	case lite && body["tools"] != nil:
+		return detail("Unsupported parameter: tools")
+	case m.Summary != nil && !*m.Summary && jsonPath(body, "reasoning", "summary") != nil:
+		return param("reasoning.summary", "Unsupported parameter: 'reasoning.summary' is not supported with this model.")
+	}
+	if effort, ok := jsonPath(body, "reasoning", "effort").(string); ok && m.Efforts != nil && !slices.Contains(m.efforts(), effort) {
+		return param("reasoning.effort", fmt.Sprintf("Unsupported value: '%s' is not supported with the '%s' model.", effort, model))
+	}
+	return rejectsItems(body, m)
+}
+
+// rejectsItems checks the input items and tools of an upstream body.
+func rejectsItems(body map[string]any, m catalogModel) string {
+	detail := func(s string) string { b, _ := json.Marshal(map[string]string{"detail": s}); return string(b) }
 	items, _ := body["input"].([]any)
-	for _, it := range items {
+	for i, it := range items {
 		item := it.(map[string]any)
 		if item["role"] == "system" {
 			return detail("System messages are not allowed")
 		}
 		if id, ok := item["id"].(string); ok && !strings.HasPrefix(id, "msg_") {
 			return fmt.Sprintf(`{"error":{"message":"Item with id '%s' not found. Items are not persisted when `+"`store`"+` is set to false.","type":"invalid_request_error","param":"input","code":null}}`, id)
+		}
+		if item["type"] == "additional_tools" && i != 0 {
+			return detail("additional_tools must be the first input item")
+		}
+		parts, _ := item["content"].([]any)
+		for _, p := range parts {
+			part, _ := p.(map[string]any)
+			for _, k := range []string{"cache_control", "prompt_cache_breakpoint"} {
+				if part[k] != nil {
+					return detail("Unsupported parameter: input.content." + k)
+				}
+			}
+			if part["type"] == "input_image" && m.Modalities != nil && !slices.Contains(m.Modalities, "image") {
+				return detail("This model does not support image input.")
+			}
 		}
 	}
 	tools, _ := body["tools"].([]any)
@@ -756,25 +821,52 @@ func TestModelsAndUsage(t *testing.T) {
 	}
 }
 
-// TestInstructionsFallback: a backend that insists on instructions gets the
-// catalog's base_instructions once, and from then on.
+// TestInstructionsFallback: by default no instructions are sent. A backend that says they are
+// required gets "" once more and from then on; one that says they are not valid gets the
+// catalog's prompt for the model.
 func TestInstructionsFallback(t *testing.T) {
-	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
-		if body["instructions"] == nil {
-			w.WriteHeader(400)
-			io.WriteString(w, `{"detail":"Instructions are required"}`)
-			return
-		}
-		writeEvents(w, textReply("resp_1", "ok"))
-	})
-	p := newProxy(t, fb)
-	for i := 0; i < 2; i++ {
-		if resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`); resp.StatusCode != 200 {
-			t.Fatalf("turn %d: %d %s", i, resp.StatusCode, body)
-		}
+	tests := []struct {
+		name   string
+		refuse func(instructions any) string // the backend's 400 detail, or ""
+		want   []any                          // the instructions member of each upstream request
+	}{
+		{"required", func(in any) string {
+			if in == nil {
+				return "Instructions are required"
+			}
+			return ""
+		}, []any{nil, "", ""}},
+		{"not valid", func(in any) string {
+			if in == nil || in == "" {
+				return "Instructions are not valid"
+			}
+			return ""
+		}, []any{nil, "You are Codex, gpt-5.5", "You are Codex, gpt-5.5"}},
 	}
-	if len(fb.bodies) != 3 || fb.bodies[1]["instructions"] != "You are Codex, gpt-5.5" || fb.bodies[2]["instructions"] == nil {
-		t.Errorf("upstream saw %d requests; want a refused one, a retry with base instructions, then instructions at once", len(fb.bodies))
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				if msg := tc.refuse(body["instructions"]); msg != "" {
+					w.WriteHeader(400)
+					fmt.Fprintf(w, `{"detail":%q}`, msg)
+					return
+				}
+				writeEvents(w, textReply("resp_1", "ok"))
+			})
+			p := newProxy(t, fb)
+			for i := 0; i < 2; i++ {
+				if resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`); resp.StatusCode != 200 {
+					t.Fatalf("turn %d: %d %s", i, resp.StatusCode, body)
+				}
+			}
+			var got []any
+			for _, b := range fb.bodies {
+				got = append(got, b["instructions"])
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("upstream instructions %q; want %q", got, tc.want)
+			}
+		})
 	}
 }
 
@@ -1317,5 +1409,393 @@ func TestWrappedErrorKeepsItsHint(t *testing.T) {
 	}
 	if !strings.Contains(p.log.String(), "use --instructions file:PATH") {
 		t.Errorf("log lacks the hint:\n%s", p.log.String())
+	}
+}
+
+// codexCLIRequest loads a request the Codex CLI 0.169.0 sent (testdata/codex-cli): its headers
+// and its body.
+func codexCLIRequest(t *testing.T, model string) (map[string]string, map[string]any, []byte) {
+	t.Helper()
+	b, err := os.ReadFile("testdata/codex-cli/request-" + model + ".json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var capture struct {
+		Headers map[string]string `json:"headers"`
+		Body    json.RawMessage   `json:"body"`
+	}
+	if err := json.Unmarshal(b, &capture); err != nil {
+		t.Fatal(err)
+	}
+	var body map[string]any
+	json.Unmarshal(capture.Body, &body)
+	return capture.Headers, body, capture.Body
+}
+
+// TestCodexCLIPassThrough sends what the Codex CLI 0.169.0 sent for a Lite model (gpt-6-sol) and
+// for the classic gpt-5.5, and checks that each reaches the backend in its own shape, intact
+// but for the item ids, the Lite header included.
+func TestCodexCLIPassThrough(t *testing.T) {
+	for _, model := range []string{"gpt-6-sol", "gpt-5.5"} {
+		t.Run(model, func(t *testing.T) {
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				writeEvents(w, textReply("resp_1", "hello"))
+			})
+			p := newProxy(t, fb)
+			headers, sent, raw := codexCLIRequest(t, model)
+			var hs []string
+			for k, v := range headers {
+				if k != "authorization" {
+					hs = append(hs, k, v)
+				}
+			}
+			resp, body := p.post(t, "/codex/responses", string(raw), hs...)
+			if resp.StatusCode != 200 || !strings.Contains(body, "event: response.completed") {
+				t.Fatalf("status %d:\n%.400s", resp.StatusCode, body)
+			}
+			up, h := fb.bodies[0], fb.heads[0]
+			lite := model == "gpt-6-sol"
+			if got := h.Get("X-Openai-Internal-Codex-Responses-Lite") == "true"; got != lite {
+				t.Errorf("Lite header sent = %v; want %v", got, lite)
+			}
+			in, _ := up["input"].([]any)
+			want, _ := sent["input"].([]any)
+			for i := range want {
+				delete(want[i].(map[string]any), "id")
+			}
+			if len(in) != len(want) || jsonString(in) != jsonString(want) {
+				t.Errorf("input differs:\n got %.600s\nwant %.600s", jsonString(in), jsonString(want))
+			}
+			for _, k := range []string{"tools", "tool_choice", "parallel_tool_calls", "reasoning", "text",
+				"prompt_cache_key", "client_metadata", "include"} {
+				if jsonString(up[k]) != jsonString(sent[k]) {
+					t.Errorf("%s = %s; want %s", k, jsonString(up[k]), jsonString(sent[k]))
+				}
+			}
+			if _, ok := up["instructions"]; ok {
+				t.Error("instructions added to a request that had none")
+			}
+		})
+	}
+}
+
+// jsonString encodes v for comparisons.
+func jsonString(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+// callReply is a turn that calls get_weather: the item arrives with deltas, then whole.
+func callReply(respID string) []string {
+	call := map[string]any{"id": "fc_1", "type": "function_call", "call_id": "call_w", "name": "get_weather", "arguments": `{"city":"Paris"}`}
+	added := map[string]any{"id": "fc_1", "type": "function_call", "call_id": "call_w", "name": "get_weather", "arguments": ""}
+	return []string{
+		sse("response.created", map[string]any{"response": map[string]any{"id": respID, "output": []any{}}}),
+		sse("response.output_item.added", map[string]any{"output_index": 0, "item": added}),
+		sse("response.function_call_arguments.delta", map[string]any{"item_id": "fc_1", "output_index": 0, "delta": `{"city":`}),
+		sse("response.function_call_arguments.delta", map[string]any{"item_id": "fc_1", "output_index": 0, "delta": `"Paris"}`}),
+		sse("response.output_item.done", map[string]any{"output_index": 0, "item": call}),
+		sse("response.completed", map[string]any{"response": map[string]any{"id": respID, "status": "completed", "output": []any{call}}}),
+	}
+}
+
+// TestToolCallsOnLiteAndClassic runs a chat tool round trip, streamed and not, in a session,
+// on a Lite model and on gpt-5.5: the backend (which enforces each shape) sees the tools where
+// the model wants them, and the conversation goes on.
+func TestToolCallsOnLiteAndClassic(t *testing.T) {
+	tools := `"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]`
+	for _, model := range []string{"gpt-6-sol", "gpt-5.5"} {
+		for _, stream := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s stream=%v", model, stream), func(t *testing.T) {
+				n := 0
+				fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+					if n++; n == 1 {
+						writeEvents(w, callReply("resp_1"))
+					} else {
+						writeEvents(w, textReply("resp_2", "18C in Paris"))
+					}
+				})
+				p := newProxy(t, fb)
+				first := fmt.Sprintf(`{"model":%q,"stream":%v,%s,"messages":[{"role":"user","content":"Weather in Paris?"}]}`, model, stream, tools)
+				resp, body := p.post(t, "/codex/w/chat/completions", first)
+				if resp.StatusCode != 200 || !strings.Contains(body, `"call_w"`) || !strings.Contains(body, `\"Paris\"`) {
+					t.Fatalf("first turn %d:\n%s", resp.StatusCode, body)
+				}
+				second := fmt.Sprintf(`{"model":%q,"stream":%v,%s,"messages":[{"role":"user","content":"Weather in Paris?"},
+					{"role":"assistant","tool_calls":[{"id":"call_w","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+					{"role":"tool","tool_call_id":"call_w","content":"18C"}]}`, model, stream, tools)
+				if resp, body := p.post(t, "/codex/w/chat/completions", second); resp.StatusCode != 200 || !strings.Contains(body, "18C in Paris") {
+					t.Fatalf("second turn %d:\n%s", resp.StatusCode, body)
+				}
+				if in := jsonString(fb.bodies[1]["input"]); strings.Count(in, `"call_w"`) != 2 {
+					t.Errorf("second upstream input %s; want the call and its output once each", in)
+				}
+			})
+		}
+	}
+}
+
+// TestCapabilities: what a model cannot take is refused before any upstream call, naming the
+// parameter and the values it can take; what it does not accept is not sent.
+func TestCapabilities(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	image := `{"role":"user","content":[{"type":"text","text":"what is this?"},{"type":"image_url","image_url":"data:image/png;base64,iVBORw0KGgo="}]}`
+	tests := []struct {
+		name, path, body string
+		status           int
+		want             []string
+	}{
+		{"image to a text-only model", "/codex/v1/chat/completions", `{"model":"gpt-5.3-codex-spark","messages":[` + image + `]}`,
+			400, []string{`"param":"messages"`, "does not accept image input", "'text'"}},
+		{"effort the model lacks", "/codex/v1/chat/completions", `{"model":"gpt-6-sol","reasoning_effort":"minimal","messages":[{"role":"user","content":"hi"}]}`,
+			400, []string{`"param":"reasoning_effort"`, "'low', 'medium', 'high', 'xhigh', 'max' and 'ultra'"}},
+		{"effort suffix the model lacks", "/codex/v1/responses", `{"model":"gpt-5.5:ultra","input":"hi"}`,
+			400, []string{`"param":"reasoning.effort"`, "'xhigh'"}},
+		{"tier the model lacks", "/codex/v1/responses", `{"model":"gpt-daybreak-blue-latest","service_tier":"fast","input":"hi"}`,
+			400, []string{`"param":"service_tier"`, "'default'"}},
+		{"summary to a model that refuses it", "/codex/v1/chat/completions", `{"model":"gpt-5.3-codex-spark","messages":[{"role":"user","content":"hi"}]}`,
+			200, []string{`"content":"ok"`}},
+		{"image to a model that reads images", "/codex/v1/chat/completions", `{"model":"gpt-6-sol","messages":[` + image + `]}`,
+			200, []string{`"content":"ok"`}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			calls := len(fb.bodies)
+			resp, body := p.post(t, tc.path, tc.body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("%d %s; want %d", resp.StatusCode, body, tc.status)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(body, w) {
+					t.Errorf("body %s; want %q", body, w)
+				}
+			}
+			if tc.status == 400 && len(fb.bodies) != calls {
+				t.Errorf("the backend was called for a request refused before it")
+			}
+		})
+	}
+}
+
+// TestTiersAndRefusedKeys: service tiers and -fast ids become priority, other tiers and the
+// prompt-caching keys inside content parts are dropped and named.
+func TestTiersAndRefusedKeys(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	tests := []struct {
+		name, path, body string
+		model, tier      string
+		ignored          string
+	}{
+		{"fast", "/codex/v1/chat/completions", `{"model":"gpt-5.5","service_tier":"fast","messages":[{"role":"user","content":"hi"}]}`, "gpt-5.5", "priority", ""},
+		{"-fast model id", "/codex/v1/responses", `{"model":"gpt-6-sol-fast","input":"hi"}`, "gpt-6-sol", "priority", ""},
+		{"-fast with an effort", "/codex/v1/responses", `{"model":"gpt-6-sol-fast:high","input":"hi"}`, "gpt-6-sol", "priority", ""},
+		{"default", "/codex/v1/responses", `{"model":"gpt-5.5","service_tier":"default","input":"hi"}`, "gpt-5.5", "default", ""},
+		{"flex", "/codex/v1/responses", `{"model":"gpt-5.5","service_tier":"flex","input":"hi"}`, "gpt-5.5", "", "service_tier"},
+		{"chat cache_control", "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":[{"type":"text","text":"hi","cache_control":{"type":"ephemeral"}}]}]}`,
+			"gpt-5.5", "", "messages[0].content[0].cache_control"},
+		{"responses breakpoint", "/codex/v1/responses", `{"model":"gpt-5.5","prompt_cache_retention":"24h","input":[{"role":"user","content":[{"type":"input_text","text":"hi","prompt_cache_breakpoint":true}]}]}`,
+			"gpt-5.5", "", "input[0].content[0].prompt_cache_breakpoint, prompt_cache_retention"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, body := p.post(t, tc.path, tc.body)
+			if resp.StatusCode != 200 {
+				t.Fatalf("%d %s", resp.StatusCode, body)
+			}
+			up := fb.bodies[len(fb.bodies)-1]
+			if up["model"] != tc.model || fmt.Sprint(up["service_tier"]) != fmt.Sprint(map[bool]any{true: tc.tier, false: nil}[tc.tier != ""]) {
+				t.Errorf("upstream model %v tier %v; want %s %q", up["model"], up["service_tier"], tc.model, tc.tier)
+			}
+			if got := resp.Header.Get("X-Ccproxy-Ignored-Params"); got != tc.ignored {
+				t.Errorf("X-Ccproxy-Ignored-Params = %q; want %q", got, tc.ignored)
+			}
+		})
+	}
+}
+
+// TestFallbackCatalog checks the built-in catalog against the one the Codex CLI 0.169.0
+// bundles: the same models, with the same shape, efforts, tiers and modalities.
+func TestFallbackCatalog(t *testing.T) {
+	for _, m := range fallbackModels {
+		want, ok := fixtureModels[m.Slug]
+		if !ok {
+			t.Errorf("%s is not in the Codex CLI's catalog", m.Slug)
+			continue
+		}
+		if m.Lite != want.Lite || m.Visibility != cmp.Or(want.Visibility, "list") || fmt.Sprint(m.efforts()) != fmt.Sprint(want.efforts()) ||
+			fmt.Sprint(m.tiers()) != fmt.Sprint(want.tiers()) || fmt.Sprint(m.Modalities) != fmt.Sprint(want.Modalities) ||
+			fmt.Sprint(m.Summary != nil && !*m.Summary) != fmt.Sprint(want.Summary != nil && !*want.Summary) {
+			t.Errorf("built-in %s = %+v; want %+v", m.Slug, m, want)
+		}
+	}
+	if len(fallbackModels) != len(fixtureModels) {
+		t.Errorf("built-in catalog has %d models; the Codex CLI's has %d (with spark)", len(fallbackModels), len(fixtureModels))
+	}
+}
+
+// overloaded is the backend's in-stream overload (openai/codex#43337): a 200 stream that
+// reports the failure after response.created and response.in_progress.
+func overloaded(code, message string) []string {
+	return []string{
+		sse("response.created", map[string]any{"response": map[string]any{"id": "resp_o", "status": "in_progress"}}),
+		sse("response.in_progress", map[string]any{"response": map[string]any{"id": "resp_o", "status": "in_progress"}}),
+		sse("error", map[string]any{"error": map[string]any{"type": "service_unavailable_error", "code": code, "message": message, "param": nil}}),
+		sse("response.failed", map[string]any{"response": map[string]any{"id": "resp_o", "status": "failed",
+			"error": map[string]any{"code": code, "message": message}}}),
+	}
+}
+
+// TestInStreamOverload: overload reported inside a 200 stream before any output is retried
+// like a 5xx; when it persists the client gets an HTTP 503 (or 429) with Retry-After, not a 200
+// stream with an error in it.
+func TestInStreamOverload(t *testing.T) {
+	busy := "Our servers are currently overloaded. Please try again later."
+	tests := []struct {
+		name       string
+		failures   int // attempts that fail before one succeeds
+		code, msg  string
+		wantStatus int
+		wantRetry  string
+	}{
+		{"overload then success", 1, "server_is_overloaded", busy, 200, ""},
+		{"slow_down twice then success", 2, "slow_down", busy, 200, ""},
+		{"overload throughout", 99, "server_is_overloaded", busy, 503, "1"},
+		{"rate limit throughout", 99, "rate_limit_exceeded", "Rate limit reached. Please try again in 2.5s.", 429, "3"},
+	}
+	for _, tc := range tests {
+		for _, path := range []string{"/codex/v1/chat/completions", "/codex/v1/responses"} {
+			for _, stream := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%s %s stream=%v", tc.name, path, stream), func(t *testing.T) {
+					calls := 0
+					fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+						if calls++; calls <= tc.failures {
+							writeEvents(w, overloaded(tc.code, tc.msg))
+							return
+						}
+						writeEvents(w, textReply("resp_1", "fine"))
+					})
+					p := newProxy(t, fb)
+					resp, body := p.post(t, path, fmt.Sprintf(`{"model":"gpt-5.5","stream":%v,"input":"hi","messages":[{"role":"user","content":"hi"}]}`, stream))
+					if resp.StatusCode != tc.wantStatus || resp.Header.Get("Retry-After") != tc.wantRetry {
+						t.Fatalf("%d Retry-After %q:\n%s\nwant %d, Retry-After %q", resp.StatusCode, resp.Header.Get("Retry-After"), body, tc.wantStatus, tc.wantRetry)
+					}
+					if tc.wantStatus == 200 && (!strings.Contains(body, "fine") || strings.Count(body, "event: response.created") > 1 || strings.Contains(body, tc.code)) {
+						t.Errorf("answer after the retry:\n%s\nwant it once, without the failed attempt", body)
+					}
+					if want := min(tc.failures+1, 4); calls != want {
+						t.Errorf("backend called %d times; want %d", calls, want)
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestCloudflareChallenge: a challenge page is a 502 that names Cloudflare and what to try,
+// after one more try with the cookies it set.
+func TestCloudflareChallenge(t *testing.T) {
+	calls := 0
+	fb := newFakeBackend(t, nil)
+	fb.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls++
+		if c, err := r.Cookie("__cf_bm"); calls > 1 && (err != nil || c.Value != "abc") {
+			t.Errorf("retry without the cookie Cloudflare set: %v", err)
+		}
+		http.SetCookie(w, &http.Cookie{Name: "__cf_bm", Value: "abc", Path: "/"})
+		w.Header().Set("Cf-Mitigated", "challenge")
+		w.Header().Set("Content-Type", "text/html")
+		w.WriteHeader(403)
+		io.WriteString(w, "<!DOCTYPE html><html><title>Just a moment...</title></html>")
+	})
+	p := newProxy(t, fb)
+	p.up.client = newUpstreamClient()
+	resp, body := p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+	if resp.StatusCode != 502 || !strings.Contains(body, "Cloudflare") || !strings.Contains(body, "another network") || calls != 2 {
+		t.Errorf("%d %s after %d calls; want 502 naming Cloudflare after 2", resp.StatusCode, body, calls)
+	}
+}
+
+// TestUsage: GET /codex/usage answers from the backend's usage endpoint before the first
+// completion, and from the x-codex-* headers after; `ccproxy usage` prints the windows.
+func TestUsage(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	fb.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/wham/usage" && r.Header.Get("Authorization") == "Bearer "+testAccessToken {
+			io.WriteString(w, `{"plan_type":"pro","rate_limit":{"primary_window":{"used_percent":31,"limit_window_seconds":18000,"reset_after_seconds":8040,"reset_at":1796400000},`+
+				`"secondary_window":{"used_percent":20,"limit_window_seconds":604800,"reset_after_seconds":443000}},"credits":{"has_credits":false}}`)
+			return
+		}
+		fb.serve(w, r)
+	})
+	p := newProxy(t, fb)
+	_, body := p.get(t, "/codex/usage")
+	if got := decode(t, body); got["plan"] != "pro" || jsonPath(got, "primary", "window_minutes") != 300.0 || jsonPath(got, "secondary", "used_percent") != 20.0 {
+		t.Errorf("usage before any reply = %s; want the usage endpoint's pro plan", body)
+	}
+	p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
+	if _, body = p.get(t, "/codex/usage"); decode(t, body)["plan"] != "plus" {
+		t.Errorf("usage after a reply = %s; want the headers' plus plan", body)
+	}
+	env := map[string]string{"CODEX_HOME": filepath.Dir(p.cfg.authPath), "CCPROXY_HOME": t.TempDir(), "CCPROXY_UPSTREAM_URL": fb.URL + "/codex"}
+	stdout, stderr, code := runCmd(t, env, "usage")
+	if code != 0 || !strings.Contains(stdout, "plan pro") || !regexp.MustCompile(`5-hour\s+31% used, resets in 2h14m`).MatchString(stdout) ||
+		!strings.Contains(stdout, "weekly") {
+		t.Errorf("ccproxy usage: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if stdout, _, _ := runCmd(t, env, "usage", "--json"); !strings.Contains(stdout, `"used_percent":31`) {
+		t.Errorf("ccproxy usage --json:\n%s", stdout)
+	}
+}
+
+// TestPromptCacheKey: a chat request without a session gets a prompt_cache_key and session
+// header derived from the conversation's opening and the client's key, the same on every turn
+// of a client that resends its history.
+func TestPromptCacheKey(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	turn1 := `{"model":"gpt-5.5","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`
+	turn2 := `{"model":"gpt-5.5","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":"ok"},{"role":"user","content":"again"}]}`
+	other := `{"model":"gpt-5.5","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello"}]}`
+	var keys []string
+	for _, r := range []struct{ body, key string }{{turn1, "k1"}, {turn2, "k1"}, {turn1, "k2"}, {other, "k1"}} {
+		resp, _ := p.post(t, "/codex/v1/chat/completions", r.body, "Authorization", "Bearer "+r.key)
+		up, h := fb.bodies[len(fb.bodies)-1], fb.heads[len(fb.heads)-1]
+		if up["prompt_cache_key"] != h.Get("Session-Id") || resp.Header.Get("X-Session-Id") != h.Get("Session-Id") {
+			t.Errorf("prompt_cache_key %v, upstream session %q, X-Session-Id %q; want one id", up["prompt_cache_key"], h.Get("Session-Id"), resp.Header.Get("X-Session-Id"))
+		}
+		keys = append(keys, h.Get("Session-Id"))
+	}
+	if keys[0] != keys[1] || keys[0] == keys[2] || keys[0] == keys[3] {
+		t.Errorf("cache keys %q; want the first two equal, the others different", keys)
+	}
+}
+
+// TestUnknownEventsTolerated: response.metadata and events ccproxy does not know reach native
+// clients and are skipped for chat.
+func TestUnknownEventsTolerated(t *testing.T) {
+	events := textReply("resp_1", "ok")
+	events = append(events[:1], append([]string{
+		sse("response.metadata", map[string]any{"metadata": map[string]any{"model_reroute": nil}, "headers": map[string]any{"openai-model": "gpt-5.5"}}),
+		sse("codex.rate_limits", map[string]any{"primary": map[string]any{"used_percent": 3}}),
+	}, events[1:]...)...)
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) { writeEvents(w, events) })
+	p := newProxy(t, fb)
+	_, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","stream":true,"input":"hi"}`)
+	if !strings.Contains(body, "event: response.metadata") || !strings.Contains(body, "event: codex.rate_limits") || !strings.Contains(body, "event: response.completed") {
+		t.Errorf("native stream:\n%s\nwant the unknown events relayed", body)
+	}
+	_, body = p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hi"}]}`)
+	if strings.Contains(body, "metadata") || strings.Contains(body, "rate_limits") || !strings.HasSuffix(body, "data: [DONE]\n\n") {
+		t.Errorf("chat stream:\n%s\nwant the unknown events skipped", body)
 	}
 }

@@ -95,6 +95,7 @@ Commands:
   auth logout [--yes]                remove the tokens (shared with the Codex CLI)
   config codex --enable|--disable    turn the /codex routes on or off
   config show                        effective configuration and where each value came from
+  usage [--json]                     the plan's rate-limit windows (5-hour, weekly), as bars
   version                            module and Go version
   help [serve|auth|config]           this text, or a command's flags
 
@@ -248,6 +249,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		return serve(ctx, cfg, stdout, stderr)
 	case "auth":
 		return runAuth(ctx, rest, env, stdin, stdout, stderr)
+	case "usage":
+		return runUsage(ctx, rest, env, stdout, stderr)
 	case "config":
 		return runConfig(rest, getenv, home, file, stdout, stderr)
 	case "version":
@@ -607,4 +610,53 @@ func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// runUsage implements `ccproxy usage`: the plan and its rate-limit windows, from the backend.
+func runUsage(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("ccproxy usage", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		return nil
+	} else if err != nil {
+		return exitStatus(2) // fs has printed it
+	}
+	path, err := authFilePath(getenv)
+	if err != nil {
+		return err
+	}
+	setting := func(name string) string {
+		i := slices.IndexFunc(settings, func(s setting) bool { return s.flag == name })
+		return strings.TrimRight(cmp.Or(getenv(settings[i].env), settings[i].def), "/")
+	}
+	auth := newAuthStore(path, setting("auth-url"), &http.Client{Timeout: 30 * time.Second}, time.Now)
+	r, err := newUpstream(setting("upstream-url"), auth, newUpstreamClient()).report(ctx)
+	if err != nil {
+		return fmt.Errorf("read the usage: %w", err)
+	}
+	if *asJSON {
+		_, err := stdout.Write(append(marshal(r), '\n'))
+		return err
+	}
+	fmt.Fprintf(stdout, "plan %s\n", cmp.Or(r.Plan, "unknown"))
+	bars := false // on a terminal
+	if f, ok := stdout.(*os.File); ok {
+		fi, err := f.Stat()
+		bars = err == nil && fi.Mode()&os.ModeCharDevice != 0
+	}
+	for _, w := range []*usageWindow{r.Primary, r.Secondary} {
+		if w == nil {
+			continue
+		}
+		name := map[float64]string{300: "5-hour", 10080: "weekly"}[w.WindowMinutes]
+		line := fmt.Sprintf("%-7s %3.0f%% used, resets in %s", cmp.Or(name, formatDuration(time.Duration(w.WindowMinutes)*time.Minute)),
+			w.UsedPercent, formatDuration(time.Duration(w.ResetsIn)*time.Second))
+		if bars {
+			n := int(min(max(w.UsedPercent, 0), 100) / 5)
+			line = fmt.Sprintf("%-7s %s%s %s", line[:7], strings.Repeat("█", n), strings.Repeat("░", 20-n), line[8:])
+		}
+		fmt.Fprintln(stdout, line)
+	}
+	return nil
 }

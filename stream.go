@@ -10,9 +10,12 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"mime"
 	"net/http"
+	"net/http/cookiejar"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -269,26 +272,36 @@ func newUpstream(base string, auth tokenSource, client *http.Client) *upstream {
 
 // newUpstreamClient returns the HTTP client for the backend. It has no Client.Timeout, which
 // "includes … reading the response body" and would cut long streams; ResponseHeaderTimeout and
-// the request context bound it.
+// the request context bound it. It keeps the cookies chatgpt.com sets, Cloudflare's among
+// them, as the Codex CLI does.
 func newUpstreamClient() *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.ResponseHeaderTimeout = 2 * time.Minute
 	t.MaxIdleConnsPerHost = 64
-	return &http.Client{Transport: t}
+	jar, _ := cookiejar.New(nil) // cannot fail without options
+	return &http.Client{Transport: t, Jar: jar}
+}
+
+// challenge reports whether Cloudflare, in front of chatgpt.com, answered with a challenge
+// page instead of the backend (openai/codex#17860).
+func challenge(resp *http.Response) bool {
+	ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	return resp.Header.Get("Cf-Mitigated") == "challenge" || resp.StatusCode == http.StatusForbidden && ct == "text/html"
 }
 
 // send posts one turn's request.
 func (u *upstream) send(ctx context.Context, req *request) (*http.Response, error) {
-	return u.do(ctx, http.MethodPost, "/responses", req.body, req.header)
+	return u.do(ctx, http.MethodPost, u.base+"/responses", req.body, req.header)
 }
 
 // do sends one request to the backend and returns a 2xx or 304 response. A 401 is retried once
-// with a refreshed token; 5xx and transport errors are retried with backoff (honouring
-// Retry-After) before any byte reached the client. Other failures are an *upstreamError.
-func (u *upstream) do(ctx context.Context, method, path string, body []byte, header http.Header) (*http.Response, error) {
-	rejected := ""
+// with a refreshed token, a Cloudflare challenge once with the cookies it set; 5xx and
+// transport errors are retried with backoff (honouring Retry-After) before any byte reached
+// the client. Other failures are an *upstreamError.
+func (u *upstream) do(ctx context.Context, method, url string, body []byte, header http.Header) (*http.Response, error) {
+	rejected, challenged := "", false
 	for attempt := 0; ; attempt++ {
-		resp, tok, err := u.try(ctx, method, path, body, header, rejected)
+		resp, tok, err := u.try(ctx, method, url, body, header, rejected)
 		var delay time.Duration
 		switch {
 		case err != nil && (ctx.Err() != nil || !errors.Is(err, errUnreachable)):
@@ -303,6 +316,10 @@ func (u *upstream) do(ctx context.Context, method, path string, body []byte, hea
 		case resp.StatusCode == http.StatusUnauthorized && rejected == "":
 			drain(resp)
 			rejected, attempt = string(tok), attempt-1
+			continue
+		case challenge(resp) && !challenged:
+			drain(resp)
+			challenged, attempt = true, attempt-1
 			continue
 		case resp.StatusCode >= 500 && attempt < u.retries:
 			delay = u.backoff << attempt
@@ -327,7 +344,7 @@ func (u *upstream) do(ctx context.Context, method, path string, body []byte, hea
 var errUnreachable = errors.New("could not reach the Codex backend")
 
 // try makes one attempt with the current token, returned so that a 401 can name it.
-func (u *upstream) try(ctx context.Context, method, path string, body []byte, header http.Header,
+func (u *upstream) try(ctx context.Context, method, url string, body []byte, header http.Header,
 	rejected string) (*http.Response, secret, error) {
 	tok, account, err := u.auth.token(ctx, rejected)
 	if err != nil && !errors.Is(err, errLoginRequired) && ctx.Err() == nil {
@@ -337,7 +354,7 @@ func (u *upstream) try(ctx context.Context, method, path string, body []byte, he
 	if err != nil {
 		return nil, "", err
 	}
-	req, err := http.NewRequestWithContext(ctx, method, u.base+path, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
 	if err != nil {
 		return nil, "", err
 	}
@@ -371,6 +388,91 @@ func (u *upstream) remember(h http.Header) {
 	}
 }
 
+// usageWindow is one rate-limit window of the ChatGPT plan.
+type usageWindow struct {
+	UsedPercent   float64 `json:"used_percent"`
+	WindowMinutes float64 `json:"window_minutes"`
+	ResetsAt      float64 `json:"resets_at,omitempty"`
+	ResetsIn      float64 `json:"resets_in_seconds,omitempty"`
+}
+
+// usageReport is GET /codex/usage and `ccproxy usage --json`.
+type usageReport struct {
+	Available   bool            `json:"available"`
+	Plan        string          `json:"plan,omitempty"`
+	ActiveLimit string          `json:"active_limit,omitempty"`
+	Primary     *usageWindow    `json:"primary,omitempty"`
+	Secondary   *usageWindow    `json:"secondary,omitempty"`
+	Credits     json.RawMessage `json:"credits,omitempty"`
+}
+
+// report returns the plan's rate-limit windows: from the x-codex-* headers of the latest
+// answer, or before the first one from the backend's usage endpoint, beside the codex segment
+// of the base URL (the Codex CLI reads it since 0.154: codex-rs/backend-client). The 5-hour
+// window may be missing for some plans.
+func (u *upstream) report(ctx context.Context) (usageReport, error) {
+	if h := u.usage.Load(); h != nil {
+		return headerReport(*h), nil
+	}
+	url := strings.TrimSuffix(u.base, "/codex") + "/wham/usage"
+	resp, err := u.do(ctx, http.MethodGet, url, nil, http.Header{"Accept": {"application/json"}})
+	if err != nil {
+		return usageReport{}, err
+	}
+	defer resp.Body.Close()
+	type window struct {
+		UsedPercent float64 `json:"used_percent"`
+		Seconds     float64 `json:"limit_window_seconds"`
+		ResetsAfter float64 `json:"reset_after_seconds"`
+		ResetsAt    float64 `json:"reset_at"`
+	}
+	var w struct {
+		Plan      string `json:"plan_type"`
+		RateLimit struct {
+			Primary   *window `json:"primary_window"`
+			Secondary *window `json:"secondary_window"`
+		} `json:"rate_limit"`
+		Credits json.RawMessage `json:"credits"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&w); err != nil {
+		return usageReport{}, fmt.Errorf("read the usage endpoint's answer: %w", err)
+	}
+	r := usageReport{Available: true, Plan: w.Plan, Credits: w.Credits}
+	for dst, src := range map[**usageWindow]*window{&r.Primary: w.RateLimit.Primary, &r.Secondary: w.RateLimit.Secondary} {
+		if src != nil {
+			*dst = &usageWindow{src.UsedPercent, src.Seconds / 60, src.ResetsAt, src.ResetsAfter}
+		}
+	}
+	return r, nil
+}
+
+// headerReport reads the x-codex-* headers (codex-rs/codex-api/src/rate_limits.rs): a window
+// is there when its used percent or its length is.
+func headerReport(h http.Header) usageReport {
+	num := func(name string) float64 {
+		f, _ := strconv.ParseFloat(h.Get("X-Codex-"+name), 64)
+		return f
+	}
+	window := func(p string) *usageWindow {
+		if h.Get("X-Codex-"+p+"-Used-Percent") == "" && h.Get("X-Codex-"+p+"-Window-Minutes") == "" {
+			return nil
+		}
+		return &usageWindow{num(p + "-Used-Percent"), num(p + "-Window-Minutes"), num(p + "-Reset-At"),
+			num(p + "-Reset-After-Seconds")}
+	}
+	credits := map[string]any{} // "True"/"False" flags and a balance
+	for _, k := range []string{"Has-Credits", "Unlimited", "Balance"} {
+		v, key := h.Get("X-Codex-Credits-"+k), strings.ReplaceAll(strings.ToLower(k), "-", "_")
+		if b, err := strconv.ParseBool(strings.ToLower(v)); err == nil {
+			credits[key] = b
+		} else if f, err := strconv.ParseFloat(v, 64); err == nil {
+			credits[key] = f
+		}
+	}
+	return usageReport{Available: true, Plan: h.Get("X-Codex-Plan-Type"), ActiveLimit: h.Get("X-Codex-Active-Limit"),
+		Primary: window("Primary"), Secondary: window("Secondary"), Credits: marshal(credits)}
+}
+
 // codexHeaders returns the x-codex-* headers of h: the rate-limit snapshot the backend sends
 // with every answer (codex-rs/codex-api/src/rate_limits.rs).
 func codexHeaders(h http.Header) http.Header {
@@ -395,10 +497,15 @@ type upstreamError struct {
 func (e *upstreamError) Error() string { return e.msg }
 
 // refusal reads a backend error answer. Bodies come as {"detail":"…"} (gateway validation)
-// or {"error":{…}} (model and usage errors).
-func (u *upstream) refusal(resp *http.Response) *upstreamError {
+// or {"error":{…}} (model and usage errors); an HTML page is Cloudflare's.
+func (u *upstream) refusal(resp *http.Response) error {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if challenge(resp) || bytes.Contains(b, []byte("<html")) || bytes.Contains(b, []byte("<!DOCTYPE")) {
+		return &apiError{kind: errBackend, code: "cloudflare_challenge", msg: fmt.Sprintf("Cloudflare, in front of "+
+			"chatgpt.com, answered HTTP %d with a challenge page instead of the Codex backend: it distrusts this "+
+			"network or client; try again later, from another network, or through a proxy (HTTPS_PROXY)", resp.StatusCode)}
+	}
 	var body struct {
 		Detail any `json:"detail"`
 		Error  struct {
@@ -419,9 +526,6 @@ func (u *upstream) refusal(resp *http.Response) *upstreamError {
 	}
 	if out.msg == "" {
 		out.msg = strings.TrimSpace(string(b[:min(len(b), 200)]))
-		if strings.Contains(out.msg, "<html") || strings.Contains(out.msg, "<!DOCTYPE") {
-			out.msg = "an HTML page (probably Cloudflare blocking this network)"
-		}
 	}
 	if ra := resp.Header.Get("Retry-After"); ra != "" {
 		out.header.Set("Retry-After", ra)
@@ -454,11 +558,15 @@ func (u *upstream) refusal(resp *http.Response) *upstreamError {
 
 // readTurn reads one backend stream into t, passing every event and piece to out, and asking
 // out to flush whenever no more upstream bytes are waiting. It returns at the terminal event
-// (nothing follows it, so it does not wait for EOF), or with the turn's failure.
+// (nothing follows it, so it does not wait for EOF), or with the turn's failure. The events
+// that precede the output are held back until it begins, so that a failure before it (the
+// backend reports overload inside the stream, openai/codex#43337) reaches the client as an
+// HTTP error, or not at all when a retry succeeds.
 func readTurn(body io.Reader, t *turn, out renderer) error {
 	rd := newSSEReader(body)
 	var ev event
-	out.flush() // the backend's stream is open: silence from now on earns keepalives
+	var held []event // the preamble, until the first output: then the turn cannot be retried
+	out.flush()      // the backend's stream is open: silence from now on earns keepalives
 	for {
 		name, data, err := rd.next()
 		if errors.Is(err, io.EOF) {
@@ -473,6 +581,22 @@ func readTurn(body io.Reader, t *turn, out renderer) error {
 		}
 		ev.decode(name, data)
 		t.add(&ev, out.piece)
+		switch ev.typ {
+		case "response.created", "response.in_progress", "response.metadata":
+			if !t.began {
+				held = append(held, event{typ: ev.typ, data: bytes.Clone(ev.data)})
+				continue
+			}
+		case "error", "response.failed":
+			if !t.began {
+				return t.err
+			}
+		}
+		t.began = true
+		for i := range held {
+			out.event(&held[i])
+		}
+		held = nil
 		out.event(&ev)
 		if t.err != nil || t.done {
 			return t.err
@@ -483,27 +607,96 @@ func readTurn(body io.Reader, t *turn, out renderer) error {
 	}
 }
 
-// catalogModel is the part of a backend catalog entry ccproxy uses (GET {upstream}/models).
+// catalogModel is the part of a backend catalog entry (GET {upstream}/models) ccproxy reads:
+// how requests to the model are shaped, and what it can take.
 type catalogModel struct {
-	Slug             string `json:"slug"`
-	DisplayName      string `json:"display_name,omitempty"`
-	Visibility       string `json:"visibility,omitempty"`
+	Slug       string   `json:"slug"`
+	Visibility string   `json:"visibility,omitempty"`
+	Lite       bool     `json:"use_responses_lite,omitempty"`
+	Summary    *bool    `json:"supports_reasoning_summary_parameter,omitempty"`
+	Modalities []string `json:"input_modalities"`
+	Efforts    []struct {
+		Effort string `json:"effort"`
+	} `json:"supported_reasoning_levels"`
+	Tiers []struct {
+		ID string `json:"id"`
+	} `json:"service_tiers"`
 	BaseInstructions string `json:"base_instructions,omitempty"`
+	Messages         struct {
+		Template string `json:"instructions_template,omitempty"`
+	} `json:"model_messages"`
 }
 
-// fallbackModels is served when the catalog has never been fetched.
-var fallbackModels = []catalogModel{{Slug: "gpt-5.5"}, {Slug: "gpt-5.4"}, {Slug: "gpt-5.4-mini"}}
+// efforts lists the model's reasoning efforts; nil when the catalog does not say.
+func (m *catalogModel) efforts() []string {
+	var es []string
+	for _, e := range m.Efforts {
+		es = append(es, e.Effort)
+	}
+	return es
+}
 
-// catalog is the backend's model list, GET {upstream}/models, cached in
-// memory for an hour and on disk (models.json) with its ETag.
+// tiers lists the model's service tiers; nil when the catalog does not say.
+func (m *catalogModel) tiers() []string {
+	if m.Tiers == nil {
+		return nil
+	}
+	ts := []string{}
+	for _, t := range m.Tiers {
+		ts = append(ts, t.ID)
+	}
+	return ts
+}
+
+// fallbackModels is the catalog the Codex CLI 0.169.0 bundles, plus gpt-5.3-codex-spark (text
+// only, no reasoning.summary, openai/codex#34247): what ccproxy knows until the backend's own
+// catalog has been fetched once.
+var fallbackModels = func() []catalogModel {
+	const max, ultra = "low medium high xhigh max", "low medium high xhigh max ultra"
+	var ms []catalogModel
+	for _, e := range []struct {
+		slug, efforts          string
+		lite, listed, priority bool
+	}{{"gpt-6.1-sol", ultra, true, true, true}, {"gpt-6-astra", ultra, true, true, true},
+		{"gpt-6-sol", ultra, true, true, true}, {"gpt-6-luna", max, true, true, true},
+		{"gpt-5.6-sol", ultra, true, true, true}, {"gpt-6.1-terra", ultra, true, true, true},
+		{"gpt-5.6-terra", ultra, true, true, true}, {"gpt-5.6-luna", max, true, true, true},
+		{"gpt-daybreak-blue-latest", ultra, true, false, false}, {"gpt-daybreak-red-latest", ultra, true, false, false},
+		{"gpt-5.5", "low medium high xhigh", false, true, true}, {"codex-auto-review", max, true, false, true}} {
+		m := catalogModel{Slug: e.slug, Visibility: "hide", Lite: e.lite, Modalities: []string{"text", "image"},
+			Tiers: []struct {
+				ID string `json:"id"`
+			}{}}
+		for _, effort := range strings.Fields(e.efforts) {
+			m.Efforts = append(m.Efforts, struct {
+				Effort string `json:"effort"`
+			}{effort})
+		}
+		if e.priority {
+			m.Tiers = append(m.Tiers, struct {
+				ID string `json:"id"`
+			}{"priority"})
+		}
+		if e.listed {
+			m.Visibility = "list"
+		}
+		ms = append(ms, m)
+	}
+	return append(ms, catalogModel{Slug: "gpt-5.3-codex-spark", Visibility: "list", Summary: new(bool),
+		Modalities: []string{"text"}})
+}()
+
+// catalog is the backend's model list, GET {upstream}/models, cached in memory for an hour and
+// on disk (models.json) with its ETag. A failed fetch is tried again after a minute.
 type catalog struct {
-	up      *upstream
-	path    string
-	now     func() time.Time
-	mu      sync.Mutex
-	etag    string
-	models  []catalogModel
-	checked time.Time
+	up     *upstream
+	path   string
+	now    func() time.Time
+	mu     sync.Mutex
+	etag   string
+	models []catalogModel
+	loaded bool      // models.json has been read
+	next   time.Time // when to ask the backend again
 }
 
 // newCatalog returns a catalog cached at path.
@@ -517,27 +710,56 @@ type cachedCatalog struct {
 	Models []catalogModel `json:"models"`
 }
 
-// list returns the models, refreshing the cache when it is an hour old.
-// Without any catalog it returns the built-in fallback and the fetch error.
+// list returns the models, refreshing the cache when it is due. Without any catalog it
+// returns the built-in one and the fetch error.
 func (c *catalog) list(ctx context.Context) ([]catalogModel, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.models == nil {
-		if b, err := os.ReadFile(c.path); err == nil {
-			var cc cachedCatalog
-			if json.Unmarshal(b, &cc) == nil {
-				c.etag, c.models = cc.ETag, cc.Models
-			}
+	c.loadLocked()
+	var err error
+	if now := c.now(); !now.Before(c.next) {
+		c.next = now.Add(time.Minute)
+		if err = c.fetch(ctx); err == nil {
+			c.next = now.Add(time.Hour)
 		}
 	}
-	if c.models != nil && c.now().Sub(c.checked) < time.Hour {
-		return c.models, nil
-	}
-	err := c.fetch(ctx)
 	if c.models == nil {
 		return fallbackModels, err
 	}
 	return c.models, nil
+}
+
+// loadLocked reads the cached catalog from disk, once, and returns what is known: the catalog,
+// or the built-in one.
+func (c *catalog) loadLocked() []catalogModel {
+	if !c.loaded {
+		c.loaded = true
+		var cc cachedCatalog
+		if b, err := os.ReadFile(c.path); err == nil && json.Unmarshal(b, &cc) == nil {
+			c.etag, c.models = cc.ETag, cc.Models
+		}
+	}
+	if c.models == nil {
+		return fallbackModels
+	}
+	return c.models
+}
+
+// find returns the model's catalog entry, or nil. It asks the backend only for a model it does
+// not know yet (one newer than the built-in catalog): the rest is no reason to delay a turn.
+func (c *catalog) find(ctx context.Context, slug string) *catalogModel {
+	c.mu.Lock()
+	models := c.loadLocked()
+	c.mu.Unlock()
+	i := slices.IndexFunc(models, func(m catalogModel) bool { return m.Slug == slug })
+	if i < 0 {
+		models, _ = c.list(ctx)
+		i = slices.IndexFunc(models, func(m catalogModel) bool { return m.Slug == slug })
+	}
+	if i < 0 {
+		return nil
+	}
+	return &models[i]
 }
 
 // fetch asks the backend for the catalog, conditionally on the ETag.
@@ -546,12 +768,11 @@ func (c *catalog) fetch(ctx context.Context) error {
 	if c.etag != "" && c.models != nil {
 		h.Set("If-None-Match", c.etag)
 	}
-	resp, err := c.up.do(ctx, http.MethodGet, "/models?client_version="+codexVersion, nil, h)
+	resp, err := c.up.do(ctx, http.MethodGet, c.up.base+"/models?client_version="+codexVersion, nil, h)
 	if err != nil {
 		return fmt.Errorf("fetch model catalog: %w", err)
 	}
 	defer resp.Body.Close()
-	c.checked = c.now()
 	if resp.StatusCode == http.StatusNotModified {
 		return nil
 	}
@@ -561,16 +782,16 @@ func (c *catalog) fetch(ctx context.Context) error {
 	}
 	cc.ETag = resp.Header.Get("Etag")
 	c.etag, c.models = cc.ETag, cc.Models
-	b, _ := json.Marshal(cc)
-	return writeFileAtomic(c.path, b)
+	return writeFileAtomic(c.path, marshal(cc))
 }
 
-// instructions returns the model's base_instructions from the catalog.
+// instructions returns the model's prompt from the catalog: base_instructions, empty for every
+// model since 2026, else model_messages.instructions_template.
 func (c *catalog) instructions(ctx context.Context, model string) (string, error) {
 	models, err := c.list(ctx)
 	for _, m := range models {
-		if m.Slug == model && m.BaseInstructions != "" {
-			return m.BaseInstructions, nil
+		if text := cmp.Or(m.BaseInstructions, m.Messages.Template); m.Slug == model && text != "" {
+			return text, nil
 		}
 	}
 	return "", &apiError{kind: errBackend, code: "instructions_unavailable", msg: fmt.Sprintf("the backend wants "+

@@ -159,7 +159,8 @@ func TestUpstreamDo(t *testing.T) {
 			"resets at 2026-", map[string]string{"Retry-After": "17778", "X-Codex-Plan-Type": "plus"}},
 		{"400 detail relayed", []reply{{status: 400, body: `{"detail":"Unsupported parameter: temperature"}`}}, 400, 1, "Unsupported parameter: temperature", nil},
 		{"400 error relayed", []reply{{status: 400, body: `{"error":{"message":"Unsupported value: 'none'","type":"invalid_request_error","param":"reasoning.effort","code":"unsupported_value"}}`}}, 400, 1, "Unsupported value: 'none'", nil},
-		{"cloudflare", []reply{{status: 403, body: "<!DOCTYPE html><html>Just a moment…"}}, 403, 1, "Cloudflare", nil},
+		{"cloudflare challenge, retried once", []reply{{status: 403, body: "<!DOCTYPE html><html>Just a moment…"}, {status: 403, body: "<!DOCTYPE html><html>Just a moment…"}}, 502, 2, "Cloudflare", nil},
+		{"cloudflare mitigated header", []reply{{status: 403, header: map[string]string{"Cf-Mitigated": "challenge"}}, {status: 200}}, 200, 2, "", nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -182,7 +183,7 @@ func TestUpstreamDo(t *testing.T) {
 			up := newUpstream(srv.URL, &fakeTokens{}, srv.Client())
 			up.backoff = time.Millisecond
 			up.now = func() time.Time { return time.Unix(1776654252, 0) }
-			resp, err := up.do(context.Background(), "POST", "/responses", []byte(`{}`), nil)
+			resp, err := up.do(context.Background(), "POST", up.base+"/responses", []byte(`{}`), nil)
 			status := 0
 			var h http.Header
 			var msg string
@@ -217,7 +218,7 @@ func TestUpstreamTransportError(t *testing.T) {
 	srv.Close() // nothing listens any more
 	up := newUpstream(url, &fakeTokens{}, http.DefaultClient)
 	up.backoff = time.Millisecond
-	_, err := up.do(context.Background(), "GET", "/models", nil, nil)
+	_, err := up.do(context.Background(), "GET", up.base+"/models", nil, nil)
 	if ae := show(err); ae.status != 502 || !strings.Contains(ae.message, "after 4 attempts") {
 		t.Errorf("err = %v; want a 502 after 4 attempts", err)
 	}
@@ -232,7 +233,7 @@ func TestUpstreamHeaders(t *testing.T) {
 	}))
 	defer srv.Close()
 	up := newUpstream(srv.URL, &fakeTokens{}, srv.Client())
-	resp, err := up.do(context.Background(), "POST", "/responses", []byte(`{}`), http.Header{"Session-Id": {"s1"}, "Accept": {"text/event-stream"}})
+	resp, err := up.do(context.Background(), "POST", up.base+"/responses", []byte(`{}`), http.Header{"Session-Id": {"s1"}, "Accept": {"text/event-stream"}})
 	if err != nil {
 		t.Fatal(err)
 	}

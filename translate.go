@@ -11,8 +11,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"math"
 	"net/http"
 	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -65,7 +68,31 @@ type call struct {
 	include      []string
 	cacheKey     string
 	metadata     json.RawMessage
+	tier         string      // service_tier: priority or default
+	lite         bool        // the client sent the Responses Lite header itself
 	header       http.Header // the client's headers that travel upstream
+}
+
+// ignore names a member that is not sent upstream.
+func (c *call) ignore(name string) {
+	if !slices.Contains(c.ignored, name) {
+		c.ignored = append(c.ignored, name)
+		slices.Sort(c.ignored)
+	}
+}
+
+// setTier takes service_tier: the backend knows priority (shown as "Fast") and default; fast
+// is what Codex calls priority. Anything else it refuses, so it is dropped and named.
+func (c *call) setTier(tier string) {
+	switch tier {
+	case "":
+	case "fast", "priority":
+		c.tier = "priority"
+	case "default":
+		c.tier = tier
+	default:
+		c.ignore("service_tier")
+	}
 }
 
 // object is a JSON object decoded one level deep.
@@ -73,12 +100,12 @@ type object map[string]json.RawMessage
 
 // chatParams are the Chat Completions members parseChat translates (n is only checked).
 var chatParams = []string{"model", "messages", "stream", "stream_options", "tools", "tool_choice",
-	"parallel_tool_calls", "response_format", "reasoning_effort", "verbosity"}
+	"parallel_tool_calls", "response_format", "reasoning_effort", "verbosity", "service_tier"}
 
 // responsesParams are the Responses members parseResponses keeps or consumes.
 var responsesParams = []string{"model", "input", "instructions", "tools", "tool_choice",
 	"parallel_tool_calls", "reasoning", "text", "include", "prompt_cache_key", "client_metadata",
-	"stream", "previous_response_id"}
+	"stream", "previous_response_id", "service_tier"}
 
 // decodeBody decodes a request body, which must be a JSON object, into v. It returns the
 // non-null members outside known, sorted: they are not sent upstream, because the backend
@@ -136,14 +163,23 @@ func invalid(param, format string, args ...any) error {
 	return &apiError{kind: errInvalid, param: param, msg: fmt.Sprintf(format, args...)}
 }
 
-// newCall checks the model and fills what every call sends.
-func newCall(model string) (*call, string, error) {
+// newCall checks the model and fills what every call sends. A model id may carry an effort
+// suffix and "-fast", which means the priority tier (Codex's "Fast").
+func newCall(model, tier string, ignored []string) (*call, string, error) {
 	if model == "" {
 		return nil, "", invalid("model", "Missing required parameter: 'model'.")
 	}
-	base, effort := splitEffort(model)
-	return &call{model: base, toolChoice: json.RawMessage(`"auto"`), include: []string{encryptedReasoning}},
-		effort, nil
+	base, fast := strings.CutSuffix(model, "-fast")
+	base, effort := splitEffort(base)
+	if b, ok := strings.CutSuffix(base, "-fast"); ok {
+		base, fast = b, true
+	}
+	c := &call{model: base, toolChoice: json.RawMessage(`"auto"`), include: []string{encryptedReasoning},
+		ignored: slices.DeleteFunc(ignored, func(k string) bool { return k == "service_tier" })}
+	if c.setTier(tier); fast {
+		c.tier = "priority"
+	}
+	return c, effort, nil
 }
 
 // splitEffort removes a reasoning-effort suffix from a model name, as peers accept: "-high" for
@@ -212,6 +248,7 @@ type chatRequest struct {
 	} `json:"response_format"`
 	ReasoningEffort string `json:"reasoning_effort"`
 	Verbosity       string `json:"verbosity"`
+	ServiceTier     string `json:"service_tier"`
 }
 
 // chatMessage is one member of a Chat Completions messages array.
@@ -230,10 +267,12 @@ type chatMessage struct {
 
 // chatPart is one content part of a chat message.
 type chatPart struct {
-	Type     string          `json:"type"`
-	Text     string          `json:"text"`
-	Refusal  string          `json:"refusal"`
-	ImageURL json.RawMessage `json:"image_url"`
+	Type       string          `json:"type"`
+	Text       string          `json:"text"`
+	Refusal    string          `json:"refusal"`
+	ImageURL   json.RawMessage `json:"image_url"`
+	Cache      json.RawMessage `json:"cache_control"`           // Anthropic-style prompt caching:
+	Breakpoint json.RawMessage `json:"prompt_cache_breakpoint"` // refused by the backend
 }
 
 // parseChat translates a Chat Completions body.
@@ -243,7 +282,7 @@ func parseChat(body []byte) (*call, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, effort, err := newCall(r.Model)
+	c, effort, err := newCall(r.Model, r.ServiceTier, ignored)
 	if err != nil {
 		return nil, err
 	}
@@ -254,11 +293,9 @@ func parseChat(body []byte) (*call, error) {
 		return nil, invalid("messages", "Missing required parameter: 'messages'.")
 	}
 	for i, raw := range r.Messages {
-		items, err := chatItems(raw, "messages["+strconv.Itoa(i)+"]")
-		if err != nil {
+		if err := c.chatItems(raw, "messages["+strconv.Itoa(i)+"]"); err != nil {
 			return nil, err
 		}
-		c.input = append(c.input, items...)
 	}
 	if c.tools, err = chatTools(&r); err != nil {
 		return nil, err
@@ -269,7 +306,7 @@ func parseChat(body []byte) (*call, error) {
 	if c.text, c.jsonMode, err = chatText(&r); err != nil {
 		return nil, err
 	}
-	c.chat, c.stream, c.ignored = true, r.Stream, ignored
+	c.chat, c.stream = true, r.Stream
 	c.includeUsage = r.StreamOptions.IncludeUsage && r.Stream
 	// false is the chat default, and what Codex sends for model families without parallel calls.
 	c.parallel = &r.ParallelToolCalls
@@ -304,11 +341,11 @@ func chatTools(r *chatRequest) ([]json.RawMessage, error) {
 	return tools, nil
 }
 
-// chatItems turns one chat message into Responses input items.
-func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
+// chatItems appends one chat message as Responses input items.
+func (c *call) chatItems(raw json.RawMessage, param string) error {
 	var m chatMessage
 	if err := decodeParam(raw, param, &m); err != nil {
-		return nil, err
+		return err
 	}
 	// The backend answers role system with "System messages are not allowed"; only user
 	// messages take images; assistant text is output_text.
@@ -320,29 +357,28 @@ func chatItems(raw json.RawMessage, param string) ([]json.RawMessage, error) {
 		textType = "output_text"
 	case "developer", "user":
 	case "tool":
-		return chatToolOutput(&m, param)
+		return c.chatToolOutput(&m, param)
 	case "":
-		return nil, invalid(param+".role", "Missing required parameter: '%s.role'.", param)
+		return invalid(param+".role", "Missing required parameter: '%s.role'.", param)
 	default:
-		return nil, invalid(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
+		return invalid(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
 	}
-	parts, err := chatContent(m.Content, param, textType, role == "user")
+	parts, err := c.chatContent(m.Content, param, textType, role == "user")
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var items []json.RawMessage
 	if len(parts) > 0 { // an assistant turn that only called tools has no message
-		items = append(items, marshal(messageItem{"message", role, parts}))
+		c.input = append(c.input, marshal(messageItem{"message", role, parts}))
 	}
 	// Calls follow the message, the order the backend produced them in.
 	for j, tc := range m.ToolCalls {
 		if tc.ID == "" || tc.Function.Name == "" {
 			p := param + ".tool_calls[" + strconv.Itoa(j) + "]"
-			return nil, invalid(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
+			return invalid(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
 		}
-		items = append(items, marshal(functionCall{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
+		c.input = append(c.input, marshal(functionCall{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
 	}
-	return items, nil
+	return nil
 }
 
 // functionCall is a function_call item.
@@ -360,22 +396,23 @@ type callOutput struct {
 	Output string `json:"output"`
 }
 
-// chatToolOutput turns a tool message into a function_call_output with the text of its parts.
-func chatToolOutput(m *chatMessage, param string) ([]json.RawMessage, error) {
+// chatToolOutput appends a tool message as a function_call_output with the text of its parts.
+func (c *call) chatToolOutput(m *chatMessage, param string) error {
 	if m.ToolCallID == "" {
-		return nil, invalid(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
+		return invalid(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
 	}
-	parts, err := chatContent(m.Content, param, "input_text", false)
+	parts, err := c.chatContent(m.Content, param, "input_text", false)
 	var out strings.Builder
 	for _, p := range parts {
 		out.WriteString(p.(textPart).Text)
 	}
-	return []json.RawMessage{marshal(callOutput{"function_call_output", m.ToolCallID, out.String()})}, err
+	c.input = append(c.input, marshal(callOutput{"function_call_output", m.ToolCallID, out.String()}))
+	return err
 }
 
 // chatContent converts message content (a string or an array of parts) to Responses parts of
 // textType; images are allowed only where the backend takes them (user messages).
-func chatContent(raw json.RawMessage, param, textType string, images bool) ([]any, error) {
+func (c *call) chatContent(raw json.RawMessage, param, textType string, images bool) ([]any, error) {
 	var s string
 	if isNull(raw) || json.Unmarshal(raw, &s) == nil {
 		if s == "" {
@@ -391,6 +428,11 @@ func chatContent(raw json.RawMessage, param, textType string, images bool) ([]an
 	var out []any
 	for j, p := range parts {
 		pp := param + ".content[" + strconv.Itoa(j) + "]"
+		for k, v := range map[string]json.RawMessage{"cache_control": p.Cache, "prompt_cache_breakpoint": p.Breakpoint} {
+			if !isNull(v) {
+				c.ignore(pp + "." + k)
+			}
+		}
 		switch {
 		case p.Type == "text":
 			out = append(out, textPart{textType, p.Text})
@@ -503,6 +545,7 @@ type responsesRequest struct {
 	ClientMetadata     json.RawMessage   `json:"client_metadata"`
 	Stream             bool              `json:"stream"`
 	PreviousResponseID string            `json:"previous_response_id"`
+	ServiceTier        string            `json:"service_tier"`
 }
 
 // parseResponses normalizes a native Responses body: members the backend takes pass through,
@@ -517,16 +560,16 @@ func parseResponses(body []byte) (*call, error) {
 	if isNull(r.Input) && slices.Contains(ignored, "messages") {
 		return parseChat(body)
 	}
-	c, effort, err := newCall(r.Model)
+	c, effort, err := newCall(r.Model, r.ServiceTier, ignored)
 	if err != nil {
 		return nil, err
 	}
-	if c.input, c.ignored, err = responsesInput(r.Input, ignored); err != nil {
-		return nil, err
-	}
-	// Tools of every type (function, custom, local_shell, web_search…) are the client's business.
+	// Tools of every type (function, custom, namespace, web_search…) are the client's business.
 	c.tools, c.instructions, c.parallel, c.cacheKey = r.Tools, r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
 	c.stream, c.previousID = r.Stream, r.PreviousResponseID
+	if err := c.responsesInput(r.Input); err != nil {
+		return nil, err
+	}
 	if c.include = r.Include; !slices.Contains(c.include, encryptedReasoning) {
 		c.include = append(c.include, encryptedReasoning)
 	}
@@ -555,49 +598,51 @@ func parseResponses(body []byte) (*call, error) {
 	return c, nil
 }
 
-// responsesInput turns input (a string or items) into normalized items. item_reference items
-// point at stored items, and nothing is stored with store=false, so they are dropped and
-// reported.
-func responsesInput(raw json.RawMessage, ignored []string) ([]json.RawMessage, []string, error) {
+// responsesInput takes input (a string or items) as normalized items. The tools of a leading
+// additional_tools item (the Lite shape) join the call's tools: buildRequest puts them where
+// the model wants them. item_reference items point at stored items, and nothing is stored with
+// store=false, so they are dropped and reported.
+func (c *call) responsesInput(raw json.RawMessage) error {
 	var s string
 	var items []json.RawMessage
 	switch {
 	case isNull(raw):
 	case json.Unmarshal(raw, &s) == nil:
 		if s != "" {
-			return []json.RawMessage{marshal(messageItem{"message", "user", []any{textPart{"input_text", s}}})},
-				ignored, nil
+			c.input = []json.RawMessage{marshal(messageItem{"message", "user", []any{textPart{"input_text", s}}})}
+			return nil
 		}
 	case json.Unmarshal(raw, &items) != nil:
-		return nil, nil, invalid("input", "Invalid type for 'input': expected a string or an array.")
+		return invalid("input", "Invalid type for 'input': expected a string or an array.")
 	}
 	if len(items) == 0 {
-		return nil, nil, invalid("input", "Missing required parameter: 'input'.")
+		return invalid("input", "Missing required parameter: 'input'.")
 	}
-	out := make([]json.RawMessage, 0, len(items))
 	for i, item := range items {
-		o, err := normalizeItem(item)
-		if err != nil {
-			return nil, nil, invalid("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
+		o, err := c.normalizeItem(item, "input["+strconv.Itoa(i)+"]")
+		switch typ := string(o["type"]); {
+		case err != nil:
+			return invalid("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
+		case typ == `"item_reference"`:
+			c.ignore("input.item_reference")
+		case typ == `"additional_tools"`:
+			var tools []json.RawMessage
+			json.Unmarshal(o["tools"], &tools)
+			c.tools = append(c.tools, tools...)
+		default:
+			c.input = append(c.input, marshal(o))
 		}
-		if string(o["type"]) == `"item_reference"` {
-			if !slices.Contains(ignored, "input.item_reference") {
-				ignored = append(ignored, "input.item_reference")
-				slices.Sort(ignored)
-			}
-			continue
-		}
-		out = append(out, marshal(o))
 	}
-	return out, ignored, nil
+	return nil
 }
 
 // normalizeItem makes an input item acceptable with store=false: it removes "id" (the backend
 // answers ids it issued with 404 "Item with id … not found"), turns role "system" into
-// "developer" ("System messages are not allowed") and adds "type":"message" to the type-less
-// message shorthand. Marshalling the result gives canonical bytes (sorted keys, compact), so
+// "developer" ("System messages are not allowed"), adds "type":"message" to the type-less
+// message shorthand, and drops from content parts the keys the backend refuses (Anthropic-style
+// prompt caching). Marshalling the result gives canonical bytes (sorted keys, compact), so
 // normalizing twice changes nothing, which lets sessions compare transcripts.
-func normalizeItem(item json.RawMessage) (object, error) {
+func (c *call) normalizeItem(item json.RawMessage, param string) (object, error) {
 	var o object
 	if err := json.Unmarshal(item, &o); err != nil || o == nil {
 		return nil, errors.New("not an object")
@@ -611,6 +656,20 @@ func normalizeItem(item json.RawMessage) (object, error) {
 			o["type"] = json.RawMessage(`"message"`)
 		}
 	}
+	var parts []object
+	if !bytes.Contains(o["content"], []byte(`"cache_control"`)) && !bytes.Contains(o["content"], []byte(`"prompt_cache_breakpoint"`)) ||
+		json.Unmarshal(o["content"], &parts) != nil {
+		return o, nil
+	}
+	for j, p := range parts {
+		for _, k := range []string{"cache_control", "prompt_cache_breakpoint"} {
+			if _, ok := p[k]; ok {
+				delete(p, k)
+				c.ignore(fmt.Sprintf("%s.content[%d].%s", param, j, k))
+			}
+		}
+	}
+	o["content"] = marshal(parts)
 	return o, nil
 }
 
@@ -620,7 +679,7 @@ type upstreamBody struct {
 	Model             string            `json:"model"`
 	Instructions      *string           `json:"instructions,omitempty"`
 	Input             []json.RawMessage `json:"input"`
-	Tools             []json.RawMessage `json:"tools"` // never nil: Codex always sends []
+	Tools             json.RawMessage   `json:"tools,omitempty"` // [] when there are none, except in Lite
 	ToolChoice        json.RawMessage   `json:"tool_choice,omitempty"`
 	ParallelToolCalls *bool             `json:"parallel_tool_calls,omitempty"`
 	Reasoning         object            `json:"reasoning,omitempty"`
@@ -630,6 +689,7 @@ type upstreamBody struct {
 	PromptCacheKey    string            `json:"prompt_cache_key,omitempty"`
 	Text              json.RawMessage   `json:"text,omitempty"`
 	ClientMetadata    json.RawMessage   `json:"client_metadata,omitempty"`
+	ServiceTier       string            `json:"service_tier,omitempty"`
 }
 
 // request is one upstream request, built once by buildRequest and never changed after: the
@@ -649,26 +709,84 @@ type prompt struct {
 	asMessage bool
 }
 
+// liteHeader marks a request in the "Responses Lite" shape, which the Codex CLI 0.169.0 sends
+// for every model whose catalog entry has use_responses_lite.
+const liteHeader = "X-Openai-Internal-Codex-Responses-Lite"
+
 // buildRequest is the one place an upstream request is made: from the call, the input (the
-// session's transcript and this turn), the instructions and the session id, which names the
-// conversation for the backend's prompt cache.
-func buildRequest(c *call, input []json.RawMessage, p prompt, sid string) *request {
-	b := upstreamBody{Model: c.model, Input: input, Tools: c.tools,
-		ToolChoice: c.toolChoice, ParallelToolCalls: c.parallel, Reasoning: c.reasoning, Stream: true,
-		Include: c.include, PromptCacheKey: cmp.Or(c.cacheKey, sid), Text: c.text, ClientMetadata: c.metadata}
-	if b.Tools == nil {
-		b.Tools = []json.RawMessage{}
-	}
-	b.Instructions = p.key
-	if p.asMessage && c.instructions != nil && *c.instructions != "" {
-		msg := marshal(messageItem{"message", "developer", []any{textPart{"input_text", *c.instructions}}})
-		b.Input = append([]json.RawMessage{msg}, input...)
-	}
+// session's transcript and this turn), the model's catalog entry (nil when unknown), the
+// instructions and the session id, which names the conversation for the prompt cache.
+func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, sid string) *request {
+	b := upstreamBody{Model: c.model, Instructions: p.key, ToolChoice: c.toolChoice, ParallelToolCalls: c.parallel,
+		Reasoning: maps.Clone(c.reasoning), Stream: true, Include: c.include, PromptCacheKey: cmp.Or(c.cacheKey, sid),
+		Text: c.text, ClientMetadata: c.metadata, ServiceTier: c.tier}
 	h := http.Header{"Accept": {"text/event-stream"}, "Session-Id": {sid}}
-	for k, v := range c.header {
-		h[k] = v
+	maps.Copy(h, c.header)
+	if m != nil && m.Summary != nil && !*m.Summary { // gpt-5.3-codex-spark refuses the member
+		delete(b.Reasoning, "summary")
 	}
+	var head []json.RawMessage
+	if c.lite || m != nil && m.Lite {
+		// Lite: every tool in a leading additional_tools item and none at the top, no parallel
+		// calls, reasoning over all turns. The backend refuses Lite requests that break these.
+		h.Set(liteHeader, "true")
+		if len(c.tools) > 0 {
+			head = append(head, marshal(map[string]any{"type": "additional_tools", "role": "developer", "tools": c.tools}))
+		}
+		b.ParallelToolCalls = new(bool)
+		if b.Reasoning == nil {
+			b.Reasoning = object{}
+		}
+		b.Reasoning["context"] = json.RawMessage(`"all_turns"`)
+	} else {
+		b.Tools = json.RawMessage("[]")
+		if c.tools != nil {
+			b.Tools = marshal(c.tools)
+		}
+	}
+	if p.asMessage && c.instructions != nil && *c.instructions != "" {
+		head = append(head, marshal(messageItem{"message", "developer", []any{textPart{"input_text", *c.instructions}}}))
+	}
+	b.Input = append(head, input...)
 	return &request{model: c.model, body: marshal(b), header: h}
+}
+
+// check refuses, before any upstream call, what the model's catalog entry says it cannot take:
+// an effort it lacks, an image when it reads only text, a service tier it does not offer. A
+// model the catalog does not know is the backend's to judge.
+func check(c *call, m *catalogModel) error {
+	if m == nil {
+		return nil
+	}
+	var effort string
+	json.Unmarshal(c.reasoning["effort"], &effort)
+	if efforts := m.efforts(); effort != "" && efforts != nil && !slices.Contains(efforts, effort) {
+		param := cmp.Or(map[bool]string{true: "reasoning_effort"}[c.chat], "reasoning.effort")
+		return invalid(param, "Unsupported value: '%s' is not supported with the '%s' model. Supported values are: %s.",
+			effort, m.Slug, quoteList(efforts))
+	}
+	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") &&
+		slices.ContainsFunc(c.input, func(it json.RawMessage) bool { return bytes.Contains(it, []byte(`"input_image"`)) }) {
+		return invalid(cmp.Or(map[bool]string{true: "messages"}[c.chat], "input"),
+			"The '%s' model does not accept image input; it takes only %s.", m.Slug, quoteList(m.Modalities))
+	}
+	if tiers := m.tiers(); c.tier == "priority" && tiers != nil && !slices.Contains(tiers, c.tier) {
+		return invalid("service_tier", "Unsupported value: 'priority' is not supported with the '%s' model. "+
+			"Supported values are: %s.", m.Slug, quoteList(append(tiers, "default")))
+	}
+	return nil
+}
+
+// quoteList writes 'a', 'b' and 'c', as the backend's own messages list values.
+func quoteList(vs []string) string {
+	q := make([]string, len(vs))
+	for i, v := range vs {
+		q[i] = "'" + v + "'"
+	}
+	if len(q) < 2 {
+		return strings.Join(q, "")
+	}
+	return strings.Join(q[:len(q)-1], ", ") + " and " + q[len(q)-1]
 }
 
 // event is one backend SSE event, decoded once; the turn and every renderer read this value.
@@ -853,6 +971,7 @@ type turn struct {
 	incomplete string // incomplete_details.reason
 	err        error  // from response.failed or an error event
 	done       bool   // a terminal event arrived: nothing follows
+	began      bool   // output has reached the renderer: the turn cannot be tried again
 
 	indexes  []int       // output_index of each item that came by output_item.done
 	sawItems bool        // some item came by output_item.done
@@ -1006,9 +1125,23 @@ func failureError(code, message string) error {
 		e.kind = errInvalid
 	case "rate_limit_exceeded", "insufficient_quota", "usage_not_included", "usage_limit_reached":
 		e.kind = errLimited
+	case "server_is_overloaded", "slow_down":
+		e.kind = errUnavailable
+	}
+	if e.kind == errUnavailable || code == "rate_limit_exceeded" {
+		// "Please try again in 11.054s." (codex-rs/codex-api/src/sse/responses.rs reads it alike)
+		wait := 1.0
+		if m := retryIn.FindStringSubmatch(message); m != nil {
+			wait, _ = strconv.ParseFloat(m[1], 64)
+			wait /= map[bool]float64{true: 1000, false: 1}[m[2] == "ms"]
+		}
+		e.header = http.Header{"Retry-After": {strconv.Itoa(int(math.Ceil(max(wait, 1))))}}
 	}
 	return e
 }
+
+// retryIn finds the wait a backend failure message asks for.
+var retryIn = regexp.MustCompile(`(?i)try again in\s*(\d+(?:\.\d+)?)\s*(s|ms|seconds?)\b`)
 
 // finishReason maps how the turn ended to the chat finish_reason.
 func (t *turn) finishReason(toolCalls bool) string {

@@ -106,7 +106,7 @@ func translateCase(t *testing.T, gc *goldenCase) any {
 // upstreamOf is the upstream body a call gives when the instructions pass as the client sent
 // them (--instructions none).
 func upstreamOf(c *call) json.RawMessage {
-	return buildRequest(c, c.input, prompt{key: c.instructions}, "").body
+	return buildRequest(c, c.input, nil, prompt{key: c.instructions}, "").body
 }
 
 // runStream feeds the events to a turn and a chat stream and collects the chunks, as a
@@ -477,12 +477,12 @@ func TestNormalizeIdempotent(t *testing.T) {
 		`{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":"gAAA"}`,
 	}
 	for _, it := range items {
-		o, err := normalizeItem(json.RawMessage(it))
+		o, err := new(call).normalizeItem(json.RawMessage(it), "input[0]")
 		if err != nil {
 			t.Fatal(err)
 		}
 		once := marshal(o)
-		o, _ = normalizeItem(once)
+		o, _ = new(call).normalizeItem(once, "input[0]")
 		twice := marshal(o)
 		if !bytes.Equal(once, twice) {
 			t.Errorf("normalizeItem(normalizeItem(%s)) = %s; want %s", it, twice, once)
@@ -584,14 +584,25 @@ func FuzzParseRequests(f *testing.F) {
 			}
 			return
 		}
-		c.model = "gpt-5.5" // any model name is the backend's business
-		b := upstreamOf(c)
-		var m map[string]any
-		if err := json.Unmarshal(b, &m); err != nil {
-			t.Fatalf("translated request is not JSON: %v", err)
-		}
-		if msg := backendRejects(m); msg != "" {
-			t.Fatalf("the backend would refuse the translation of\n%s\nwith %s\n(sent %s)", body, msg, b)
+		// Any model name is the backend's business: the request must pass its rules for a
+		// classic model and for a Lite one, unless check refuses it first with a 400.
+		for _, model := range []string{"gpt-5.5", "gpt-6-sol"} {
+			m := fixtureModels[model]
+			c.model = model
+			if err := check(c, &m); err != nil {
+				if show(err).status != 400 {
+					t.Fatalf("check refused %s with %v; want a 400", model, err)
+				}
+				continue
+			}
+			req := buildRequest(c, c.input, &m, prompt{key: c.instructions}, "")
+			var up map[string]any
+			if err := json.Unmarshal(req.body, &up); err != nil {
+				t.Fatalf("translated request is not JSON: %v", err)
+			}
+			if msg := backendRejects(up, req.header); msg != "" {
+				t.Fatalf("the backend would refuse the translation of\n%s\nfor %s with %s\n(sent %s)", body, model, msg, req.body)
+			}
 		}
 	})
 }
