@@ -828,7 +828,7 @@ func TestInstructionsFallback(t *testing.T) {
 	tests := []struct {
 		name   string
 		refuse func(instructions any) string // the backend's 400 detail, or ""
-		want   []any                          // the instructions member of each upstream request
+		want   []any                         // the instructions member of each upstream request
 	}{
 		{"required", func(in any) string {
 			if in == nil {
