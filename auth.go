@@ -1,9 +1,7 @@
 // This file holds everything about the ChatGPT login: the credential file
 // shared with the Codex CLI, the token provider the proxy uses, and the
-// `ccproxy auth` commands. Facts about the OAuth server and the file layout
-// come from codex-backend.md §1 and §2.
-//
-// It is Unix-only: the advisory lock shared with the Codex CLI is flock(2).
+// `ccproxy auth` commands. The OAuth client and the file layout are the Codex
+// CLI's (codex-rs/login/src/server.rs, codex-rs/login/src/auth/storage.rs).
 
 package main
 
@@ -34,7 +32,6 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -48,14 +45,9 @@ const (
 	defaultCallbackPort = 1455
 	// refreshSkew refreshes an access token this long before its JWT exp, so a
 	// request never leaves with a token that expires on the way.
-	refreshSkew = 5 * time.Minute
-	// lockFileName is the lock recent Codex CLIs take next to auth.json while
-	// writing it (storage.rs AUTH_STORAGE_LOCK_FILE_NAME; fs2 lock_exclusive is
-	// flock(LOCK_EX) on Unix). Holding it across our read-refresh-write makes a
-	// Codex write wait for our refresh, so the single-use refresh token is never
-	// spent twice.
-	lockFileName   = ".auth-storage.lock"
-	lockTimeout    = 30 * time.Second // Codex holds the lock for milliseconds: longer means stuck
+	refreshSkew    = 5 * time.Minute
+	lockFileName   = ".ccproxy-auth.lock"
+	lockTimeout    = 30 * time.Second // a refresh takes seconds: longer means stuck
 	refreshTimeout = time.Minute      // bounds a refresh once sent (see authStore.refresh)
 	deviceTimeout  = 15 * time.Minute // how long a device code stays usable, as in Codex
 )
@@ -291,32 +283,44 @@ func readDoc(path string) (map[string]json.RawMessage, error) {
 	return doc, nil
 }
 
-// lockAuthFile takes the lock shared with the Codex CLI (see lockFileName),
-// polling with LOCK_NB so the wait honours ctx and lockTimeout.
+// lockAuthFile takes ccproxy's lock beside the credential file, held across a read, a refresh
+// and a write, so that two ccproxy processes never spend the single-use refresh token twice.
+// (The Codex CLI locks .auth-storage.lock with flock, which has no portable counterpart; it
+// re-reads the file before refreshing, and refresh below adopts what it wrote.)
 func lockAuthFile(ctx context.Context, path string) (unlock func(), err error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("lock auth file: %w", err)
-	}
-	lf, err := os.OpenFile(filepath.Join(dir, lockFileName), os.O_RDWR|os.O_CREATE, 0o600)
+	ctx, cancel := context.WithTimeout(ctx, lockTimeout)
+	defer cancel()
+	unlock, err = lockFile(ctx, filepath.Join(filepath.Dir(path), lockFileName), 2*refreshTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("lock auth file: %w", err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, lockTimeout)
-	defer cancel()
-	for {
-		err := syscall.Flock(int(lf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { lf.Close() }, nil // closing the descriptor releases the flock
+	return unlock, nil
+}
+
+// rollForward recovers a refresh cut short between its answer and the rename that saves it
+// (power loss, kill -9): a complete temp file newer than auth.json holds the only live refresh
+// token, so it replaces auth.json; other temp files are removed. It runs when serve starts.
+func rollForward(path string) {
+	unlock, err := lockAuthFile(context.Background(), path)
+	if err != nil {
+		return
+	}
+	defer unlock()
+	entries, _ := os.ReadDir(filepath.Dir(path))
+	current, _ := readAuthFile(path)
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "."+filepath.Base(path)+".tmp") {
+			continue
 		}
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			if err = sleepCtx(ctx, 50*time.Millisecond); err == nil {
-				continue
-			}
-			err = fmt.Errorf("another process holds %s: %w", lf.Name(), err)
+		tmp := filepath.Join(filepath.Dir(path), e.Name())
+		b, err := os.ReadFile(tmp)
+		f, derr := decodeAuthFile(b)
+		if err == nil && derr == nil && f.refreshToken != "" &&
+			(current == nil || f.lastRefresh.After(current.lastRefresh)) && os.Rename(tmp, path) == nil {
+			current = f
+			continue
 		}
-		lf.Close()
-		return nil, fmt.Errorf("lock auth file: %w", err)
+		os.Remove(tmp)
 	}
 }
 
@@ -526,6 +530,9 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	req := map[string]string{"client_id": oauthClientID, "grant_type": "refresh_token", "refresh_token": string(f.refreshToken)}
 	if err := postJSON(ctx, a.client, a.issuer+"/oauth/token", req, &resp); err != nil {
 		if te := (*tokenError)(nil); errors.As(err, &te) && te.permanent() {
+			if g := a.adopt(ctx, f.refreshToken); g != nil {
+				return g, nil
+			}
 			return nil, fmt.Errorf("refresh token no longer valid (%v): %w", te, errLoginRequired)
 		}
 		return nil, fmt.Errorf("refresh access token: %w", err)
@@ -544,6 +551,21 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	}
 	a.unsaved.Store(nil)
 	return f, nil
+}
+
+// adopt returns what another client wrote when it spent the refresh token first (the Codex
+// CLI does not take ccproxy's lock): the token server says "reused" as soon as the other
+// refresh is done, and its write follows, so the file is watched for a few seconds.
+func (a *authStore) adopt(ctx context.Context, spent secret) *authFile {
+	for range 20 {
+		if f, err := readAuthFile(a.path); err == nil && f.refreshToken != spent {
+			return f
+		}
+		if sleepCtx(ctx, 100*time.Millisecond) != nil {
+			return nil
+		}
+	}
+	return nil
 }
 
 // login is one `auth login-openai` run.

@@ -22,7 +22,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -670,7 +669,7 @@ func TestTokenAdoptsOtherProcessRefresh(t *testing.T) {
 		{"refreshed while we waited for the lock", func(t *testing.T, a *authStore, path, old, fresh string) (secret, error) {
 			// Whether token() reads the file before or after the write, it
 			// must end with the token on disk and no refresh of its own.
-			release := holdLock(t, path)                                      // the Codex CLI is refreshing
+			release := holdLock(t, path)                                      // another ccproxy is refreshing
 			a.now = func() time.Time { return testNow.Add(90 * time.Minute) } // old has expired, fresh has not
 			done := make(chan error, 1)
 			var tok secret
@@ -702,19 +701,16 @@ func TestTokenAdoptsOtherProcessRefresh(t *testing.T) {
 	}
 }
 
-// holdLock takes the lock the Codex CLI takes (flock on .auth-storage.lock)
-// and returns its release.
+// holdLock takes ccproxy's lock on the credential file, as another ccproxy process would, and
+// returns its release.
 func holdLock(t *testing.T, path string) (release func()) {
 	t.Helper()
-	lf, err := os.OpenFile(filepath.Join(filepath.Dir(path), ".auth-storage.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	unlock, err := lockFile(context.Background(), filepath.Join(filepath.Dir(path), lockFileName), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := syscall.Flock(int(lf.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lf.Close() })
-	return func() { lf.Close() }
+	t.Cleanup(unlock)
+	return unlock
 }
 
 func TestTokenLockWaitHonoursContext(t *testing.T) {
@@ -1153,5 +1149,25 @@ func TestTokenRefreshWriteFailure(t *testing.T) {
 	// The saved rotated token still refreshes: nothing was spent twice.
 	if _, _, err := a.token(ctx, string(tok1)); err != nil || fake.refreshCount() != 2 {
 		t.Errorf("refresh after recovery = %v (%d refreshes); want success and 2", err, fake.refreshCount())
+	}
+}
+
+// TestTokenAdoptsAfterReused: another client (the Codex CLI, which does not take ccproxy's lock)
+// spends the refresh token first; the token server says "reused", and the tokens it wrote are
+// adopted instead of logging the user out.
+func TestTokenAdoptsAfterReused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "auth.json")
+	writeFile(t, path, codexAuthJSON(chatgptJWT(t, "old", testNow.Add(-time.Hour)), "rt-1", ""))
+	fresh := chatgptJWT(t, "codex", testNow.Add(time.Hour))
+	oauth := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeFile(t, path, codexAuthJSON(fresh, "rt-2", "")) // the Codex CLI's refresh lands
+		w.WriteHeader(401)
+		io.WriteString(w, `{"error":{"message":"Your refresh token has already been used to generate a new access token.","code":"refresh_token_reused"}}`)
+	}))
+	defer oauth.Close()
+	a := newAuthStore(path, oauth.URL, oauth.Client(), func() time.Time { return testNow })
+	tok, _, err := a.token(context.Background(), "")
+	if err != nil || string(tok) != fresh {
+		t.Errorf("token() = %.12q, %v; want the token the other client wrote", tok, err)
 	}
 }

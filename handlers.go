@@ -16,10 +16,12 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"os"
 	"regexp"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // maxBodyBytes caps request bodies; images arrive inline as base64.
@@ -42,6 +44,7 @@ var (
 	errStorage      = errors.New("storage failure")
 	errBackend      = errors.New("backend failure")
 	errUnavailable  = errors.New("unavailable")
+	errTimeout      = errors.New("timeout")
 )
 
 // errorKinds maps each kind to its status and OpenAI error type.
@@ -60,6 +63,7 @@ var errorKinds = map[error]struct {
 	errStorage:      {500, "api_error"},
 	errBackend:      {502, "api_error"},
 	errUnavailable:  {503, "api_error"},
+	errTimeout:      {408, "invalid_request_error"},
 }
 
 // apiError is a failure the client is told about: its kind, the machine-readable code and
@@ -134,6 +138,12 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	e := describe(err)
 	info(r).err = err.Error()
+	if !info(r).bodyRead && r.ContentLength != 0 {
+		// Answered before its body was read (a wrong Host or key, an unknown route, a body too
+		// large or too slow): close the connection at once rather than wait for the body.
+		w.Header().Set("Connection", "close")
+		http.NewResponseController(w).SetReadDeadline(time.Now())
+	}
 	maps.Copy(w.Header(), e.header)
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(e.status)
@@ -143,7 +153,8 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 // clientGone reports whether err comes from the client going away, and if so notes it: it is
 // the client's doing, logged at debug and never answered as a backend failure.
 func clientGone(r *http.Request, err error) bool {
-	if r.Context().Err() == nil && !errors.Is(err, context.Canceled) {
+	// A body that stopped arriving ends the request's context too, but it is answered (408).
+	if r.Context().Err() == nil && !errors.Is(err, context.Canceled) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return false
 	}
 	ri := info(r)
@@ -178,7 +189,8 @@ func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessio
 				"disabled: run `ccproxy config codex --enable` and restart `ccproxy serve`"})
 		})
 	}
-	turn := codex(handleTurn(sessions, up, p, cfg.reasoning, cfg.keepalive))
+	b := &bodies{max: cfg.maxInflight, idle: cfg.bodyTimeout}
+	turn := codex(handleTurn(sessions, up, p, b, cfg.reasoning, cfg.keepalive))
 	for _, path := range []string{"/codex", "/codex/v1", "/codex/{session_id}"} {
 		mux.Handle("POST "+path+"/chat/completions", turn)
 		mux.Handle("POST "+path+"/responses", turn)
@@ -198,6 +210,7 @@ type reqInfo struct {
 	logger   *slog.Logger
 	model    string
 	stream   bool
+	bodyRead bool   // the request body was read whole
 	err      string // what the client was told went wrong
 	canceled bool   // the client went away before the answer was complete
 }
@@ -272,7 +285,7 @@ func checkHost(apiKey secret, bound string, next http.Handler) http.Handler {
 		if err != nil {
 			host = r.Host
 		}
-		if apiKey == "" && !isLoopback(host) && host != bound {
+		if apiKey == "" && !isLoopback(host) && !strings.EqualFold(strings.TrimSuffix(host, "."), bound) {
 			writeError(w, r, &apiError{kind: errForbidden, code: "host_not_allowed", msg: fmt.Sprintf("Host %q "+
 				"is not allowed: ccproxy answers only requests addressed to localhost (DNS-rebinding "+
 				"protection); set --api-key to accept other names", r.Host)})
@@ -288,8 +301,8 @@ func requireKey(key secret, next http.Handler) http.Handler {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok {
+		scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		if !strings.EqualFold(scheme, "Bearer") { // schemes are case-insensitive (RFC 9110 §11.1)
 			got = r.Header.Get("X-Api-Key")
 		}
 		if subtle.ConstantTimeCompare([]byte(got), []byte(key)) != 1 {
@@ -352,10 +365,11 @@ func handleHealth(auth *authStore) http.Handler {
 // the body into a call, check it against the model's catalog entry, open its session, send the
 // one upstream request, read the backend's stream into a turn while the renderer writes it,
 // save the turn, end the answer.
-func handleTurn(sessions *sessionStore, up *upstream, p *prompts, mode reasoningMode,
+func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, mode reasoningMode,
 	keepalive time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := readCall(w, r)
+		c, release, err := readCall(w, r, b)
+		defer release()
 		if err != nil {
 			writeError(w, r, err)
 			return
@@ -420,11 +434,19 @@ func exchange(ctx context.Context, up *upstream, p *prompts, c *call, input []js
 }
 
 // readCall reads a chat or Responses body into a call. A body with "messages" is a chat
-// request on either path.
-func readCall(w http.ResponseWriter, r *http.Request) (*call, error) {
-	body, err := readBody(w, r)
+// request on either path. Invalid UTF-8, which can only be inside strings, becomes U+FFFD,
+// as encoding/json decodes it: one rule for every API, and no raw bytes upstream or on disk.
+func readCall(w http.ResponseWriter, r *http.Request, b *bodies) (*call, func(), error) {
+	body, release, err := b.read(w, r)
 	if err != nil {
-		return nil, err
+		return nil, release, err
+	}
+	if !utf8.Valid(body) {
+		body = bytes.ToValidUTF8(body, []byte("\uFFFD"))
+	}
+	if len(body) > 1<<20 { // large bodies are parsed one at a time: the other core serves the rest
+		b.heavy.Lock()
+		defer b.heavy.Unlock()
 	}
 	ri := info(r)
 	if ri.logger.Enabled(r.Context(), slog.LevelDebug) {
@@ -437,7 +459,7 @@ func readCall(w http.ResponseWriter, r *http.Request) (*call, error) {
 		c, err = parseResponses(body)
 	}
 	if err != nil {
-		return nil, err
+		return nil, release, err
 	}
 	ri.model, ri.stream, c.lite = c.model, c.stream, r.Header.Get(liteHeader) == "true"
 	// The Codex CLI's turn headers pass through: the backend may route a turn by
@@ -448,7 +470,7 @@ func readCall(w http.ResponseWriter, r *http.Request) (*call, error) {
 			c.header[k] = v
 		}
 	}
-	return c, nil
+	return c, release, nil
 }
 
 // openSession finds the request's session: the one behind previous_response_id, or the one
@@ -482,7 +504,7 @@ func conversationID(c *call, r *http.Request) string {
 	h := sha256.New()
 	io.WriteString(h, r.Header.Get("Authorization")+"\x00"+r.Header.Get("X-Api-Key"))
 	for _, it := range c.input {
-		if h.Write(it); bytes.Contains(it, []byte(`"role":"user"`)) {
+		if h.Write(it[:min(len(it), 64<<10)]); bytes.Contains(it, []byte(`"role":"user"`)) {
 			break
 		}
 	}
@@ -504,11 +526,93 @@ func uuid(b []byte) string {
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-// readBody reads the request body up to maxBodyBytes.
-func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
-	var buf bytes.Buffer
-	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, maxBodyBytes))
-	return buf.Bytes(), err
+// bodies bounds the bytes of request bodies held at once (--max-inflight-bytes): a body is
+// counted from its first byte until its handler returns, so many large uploads at once cannot
+// exhaust memory; beyond the bound a request gets a 503 with Retry-After.
+type bodies struct {
+	mu        sync.Mutex
+	held, max int64
+	heavy     sync.Mutex    // held while a large body is parsed
+	idle      time.Duration // how long a body may stall
+}
+
+// take counts n more bytes, if they fit.
+func (b *bodies) take(n int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.held+n > b.max {
+		return false
+	}
+	b.held += n
+	return true
+}
+
+// give releases n bytes.
+func (b *bodies) give(n int64) {
+	b.mu.Lock()
+	b.held -= n
+	b.mu.Unlock()
+}
+
+// errBodiesFull is the error of a body that does not fit the bound.
+var errBodiesFull = &apiError{kind: errUnavailable, code: "server_busy", header: http.Header{"Retry-After": {"5"}},
+	msg: "ccproxy is holding as many request bodies as --max-inflight-bytes allows; retry in a few seconds"}
+
+// readBody reads the request body, up to maxBodyBytes, within the bound of b. A body that
+// stops arriving for b.idle is cut off with a 408; one the client breaks (a malformed chunk,
+// a cut) is a 400. The bytes count against b until release.
+func (b *bodies) read(w http.ResponseWriter, r *http.Request) (body []byte, release func(), err error) {
+	var held int64
+	release = func() { b.give(held) }
+	rc := http.NewResponseController(w)
+	defer rc.SetReadDeadline(time.Time{}) // the connection's idle reads are the server's again
+	src := &stallReader{http.MaxBytesReader(w, r.Body, maxBodyBytes), rc, b.idle}
+	switch n := r.ContentLength; {
+	case n > maxBodyBytes:
+		return nil, release, &http.MaxBytesError{Limit: maxBodyBytes}
+	case n >= 0: // into a buffer of the right size
+		if !b.take(n) {
+			return nil, release, errBodiesFull
+		}
+		held, body = n, make([]byte, n)
+		_, err = io.ReadFull(src, body)
+	default: // chunked: counted as it arrives
+		var buf bytes.Buffer
+		for err == nil {
+			if !b.take(16 << 10) {
+				return nil, release, errBodiesFull
+			}
+			held += 16 << 10
+			_, err = io.CopyN(&buf, src, 16<<10)
+		}
+		if body = buf.Bytes(); errors.Is(err, io.EOF) {
+			err = nil
+		}
+	}
+	info(r).bodyRead = err == nil
+	var tooBig *http.MaxBytesError
+	switch {
+	case err == nil, errors.As(err, &tooBig):
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		err = &apiError{kind: errTimeout, code: "body_timeout", cause: err, msg: fmt.Sprintf(
+			"the request body stopped arriving for %s; send it whole", b.idle)}
+	default:
+		err = &apiError{kind: errInvalid, code: "bad_body", cause: err, msg: "could not read the request body: " + err.Error()}
+	}
+	return body, release, err
+}
+
+// stallReader moves the connection's read deadline forward before each read, so a body may
+// take as long as it needs while it keeps arriving.
+type stallReader struct {
+	r    io.Reader
+	rc   *http.ResponseController
+	idle time.Duration
+}
+
+func (s *stallReader) Read(p []byte) (int, error) {
+	s.rc.SetReadDeadline(time.Now().Add(s.idle))
+	return s.r.Read(p)
 }
 
 // redactPattern finds JSON string values of secret-looking keys.

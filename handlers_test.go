@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -271,6 +272,7 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	cfg := config{host: "127.0.0.1", upstreamURL: fb.URL, authURL: "http://127.0.0.1:1", reasoning: reasoningTags,
 		instructions: instructions{mode: "auto"}, sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
 		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour,
+		maxInflight: 4 * maxBodyBytes, bodyTimeout: time.Minute,
 		logLevel: slog.LevelDebug} // debug: tests check that not even debug lines carry secrets
 	for _, o := range opts {
 		o(&cfg)
@@ -1797,5 +1799,212 @@ func TestUnknownEventsTolerated(t *testing.T) {
 	_, body = p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hi"}]}`)
 	if strings.Contains(body, "metadata") || strings.Contains(body, "rate_limits") || !strings.HasSuffix(body, "data: [DONE]\n\n") {
 		t.Errorf("chat stream:\n%s\nwant the unknown events skipped", body)
+	}
+}
+
+// rawExchange writes req on a new connection to addr and returns what came back until the
+// server closed the connection. The read deadline only keeps a broken server from hanging the
+// test: every case expects the server to answer and close long before it.
+func rawExchange(t *testing.T, addr, req string) string {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.WriteString(conn, req); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("reading the answer to %.40q: %v (the server did not close the connection)\n%s", req, err, got)
+	}
+	return string(got)
+}
+
+// TestHostileRequests: requests refused before their body is read are answered at once and
+// their connection closed; a body that stalls is cut off; a broken body is the client's error.
+func TestHostileRequests(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	keyed := newProxy(t, fb, func(c *config) { c.apiKey = "K"; c.bodyTimeout = 50 * time.Millisecond })
+	open := newProxy(t, fb, func(c *config) { c.bodyTimeout = 50 * time.Millisecond })
+	post := func(path, host, extra string) string {
+		return "POST " + path + " HTTP/1.1\r\nHost: " + host + "\r\nContent-Type: application/json\r\n" + extra
+	}
+	tests := []struct {
+		name, req string
+		p         *proxy
+		want      string
+	}{
+		{"foreign host, body never sent", post("/codex/v1/responses", "evil.example", "Content-Length: 100\r\n\r\n"), open, "HTTP/1.1 403"},
+		{"no key, body never sent", post("/codex/v1/responses", "127.0.0.1", "Content-Length: 100\r\n\r\n"), keyed, "HTTP/1.1 401"},
+		{"unknown route, body never sent", post("/nothing", "127.0.0.1", "Content-Length: 100\r\n\r\n"), open, "HTTP/1.1 404"},
+		{"body stalls", post("/codex/v1/responses", "127.0.0.1", "Content-Length: 30000000\r\n\r\n{\"model\":"), open, "HTTP/1.1 408"},
+		{"chunked body stalls", post("/codex/v1/responses", "127.0.0.1", "Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"), open, "HTTP/1.1 408"},
+		{"malformed chunk", post("/codex/v1/responses", "127.0.0.1", "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"), open, "HTTP/1.1 400"},
+		{"declared too large", post("/codex/v1/responses", "127.0.0.1", "Content-Length: 40000000\r\n\r\n"), open, "HTTP/1.1 413"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := rawExchange(t, tc.p.Listener.Addr().String(), tc.req)
+			if !strings.HasPrefix(got, tc.want) || !strings.Contains(got, `"error":{`) {
+				t.Errorf("answer:\n%s\nwant %s with an OpenAI error", got, tc.want)
+			}
+		})
+	}
+	if strings.Contains(open.log.String(), "level=ERROR") {
+		t.Errorf("client mistakes logged as errors:\n%s", open.log.String())
+	}
+}
+
+// TestHostAndSchemeCase: Host names and the Bearer scheme compare case-insensitively, and a
+// trailing dot makes no difference.
+func TestHostAndSchemeCase(t *testing.T) {
+	fb := newFakeBackend(t, nil)
+	p := newProxy(t, fb)
+	for _, host := range []string{"LOCALHOST", "Localhost:8000", "localhost.", "LocalHost.:8000", "127.0.0.1."} {
+		req, _ := http.NewRequest("GET", p.URL+"/health", nil)
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("Host %q: %d; want 200", host, resp.StatusCode)
+		}
+	}
+	keyed := newProxy(t, fb, func(c *config) { c.apiKey = "K" })
+	for _, auth := range []string{"Bearer K", "bearer K", "BEARER K"} {
+		req, _ := http.NewRequest("GET", keyed.URL+"/health", nil)
+		req.Header.Set("Authorization", auth)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("Authorization %q: %d; want 200", auth, resp.StatusCode)
+		}
+	}
+}
+
+// TestBodiesInFlightBound: bodies beyond --max-inflight-bytes get a 503 with Retry-After at
+// once; a small request beside them still goes through.
+func TestBodiesInFlightBound(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	// Two 30 MB uploads that never send their bodies: only one fits in 40 MB. The other is
+	// refused at once; the one that fits holds its bytes until its body is cut off.
+	p := newProxy(t, fb, func(c *config) { c.maxInflight, c.bodyTimeout = 40<<20, 3*time.Second })
+	answers := make(chan string, 2)
+	for range 2 {
+		go func() {
+			answers <- rawExchange(t, p.Listener.Addr().String(),
+				"POST /codex/v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 30000000\r\n\r\n{")
+		}()
+	}
+	first := <-answers
+	if !strings.HasPrefix(first, "HTTP/1.1 503") || !strings.Contains(first, "Retry-After: 5") || !strings.Contains(first, "max-inflight-bytes") {
+		t.Errorf("first answer:\n%.400s\nwant a 503 with Retry-After naming the bound", first)
+	}
+	if resp, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"hi"}`); resp.StatusCode != 200 {
+		t.Errorf("small request beside the upload: %d %s", resp.StatusCode, body)
+	}
+	if second := <-answers; !strings.HasPrefix(second, "HTTP/1.1 408") {
+		t.Errorf("second answer:\n%.400s\nwant a 408 once its body stalled", second)
+	}
+}
+
+// BenchmarkUploads sends 30 MB chat requests (an image inline, as clients send them) while a
+// small request is timed beside them, and reports the peak heap: one upload alone ("one"; its
+// peak over the size of the body is the cost of translating it), and 40 at once ("40", where
+// --max-inflight-bytes turns most away with a 503).
+//
+//	go test -run '^$' -bench Uploads -benchtime 3x
+func BenchmarkUploads(b *testing.B) {
+	const size = 30 << 20
+	image := base64.StdEncoding.EncodeToString(make([]byte, size*3/4-200))
+	body := []byte(`{"model":"gpt-5.5","messages":[{"role":"user","content":[{"type":"text","text":"what is it?"},` +
+		`{"type":"image_url","image_url":"data:image/png;base64,` + image + `"}]}]}`)
+	for _, n := range []int{1, 40} {
+		b.Run(map[int]string{1: "one", 40: "40"}[n], func(b *testing.B) {
+			fb := newFakeBackend(b, func(w http.ResponseWriter, r *http.Request, _ map[string]any) {
+				writeEvents(w, textReply("resp_1", "a picture"))
+			})
+			fb.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.Copy(io.Discard, r.Body) // the backend reads the image, it does not keep it
+				writeEvents(w, textReply("resp_1", "a picture"))
+			})
+			p := newProxy(b, fb, func(c *config) { c.logLevel, c.maxInflight = slog.LevelInfo, 64<<20 }) // the defaults
+			var peak, small []float64
+			var ok, busy int
+			for i := 0; i < b.N; i++ {
+				runtime.GC()
+				heap := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+				metrics.Read(heap)
+				base := heap[0].Value.Uint64()
+				stop, sampled := make(chan struct{}), make(chan uint64)
+				go func() { // the peak, sampled every millisecond without stopping the world
+					tick := time.NewTicker(time.Millisecond)
+					defer tick.Stop()
+					var top uint64
+					for {
+						select {
+						case <-stop:
+							sampled <- top
+							return
+						case <-tick.C:
+						}
+						metrics.Read(heap)
+						top = max(top, heap[0].Value.Uint64())
+					}
+				}()
+				var wg sync.WaitGroup
+				var mu sync.Mutex
+				for range n {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						resp, err := http.Post(p.URL+"/codex/v1/chat/completions", "application/json", bytes.NewReader(body))
+						if err != nil {
+							return
+						}
+						io.Copy(io.Discard, resp.Body)
+						resp.Body.Close()
+						mu.Lock()
+						defer mu.Unlock()
+						if resp.StatusCode == 200 {
+							ok++
+						} else if resp.StatusCode == 503 {
+							busy++
+						}
+					}()
+				}
+				for range 20 {
+					t0 := time.Now()
+					if resp, err := http.Post(p.URL+"/codex/v1/chat/completions", "application/json",
+						strings.NewReader(`{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)); err == nil {
+						io.Copy(io.Discard, resp.Body)
+						resp.Body.Close()
+					}
+					small = append(small, float64(time.Since(t0))/float64(time.Millisecond))
+				}
+				wg.Wait()
+				close(stop)
+				peak = append(peak, float64(<-sampled-base))
+			}
+			slices.Sort(small)
+			b.ReportMetric(slices.Max(peak)/(1<<20), "peak-heap-MiB")
+			b.ReportMetric(slices.Max(peak)/float64(n*len(body)), "peak/body")
+			b.ReportMetric(small[len(small)*99/100], "small-p99-ms")
+			b.ReportMetric(float64(ok)/float64(b.N), "ok/op")
+			b.ReportMetric(float64(busy)/float64(b.N), "503/op")
+			b.ReportMetric(0, "ns/op")
+		})
 	}
 }

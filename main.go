@@ -39,10 +39,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -120,6 +122,9 @@ $CCPROXY_HOME/config.json (key = flag name), then from the default.
   --session-ttl DURATION  CCPROXY_SESSION_TTL    idle time before a session expires (default 24h)
   --max-sessions N        CCPROXY_MAX_SESSIONS   sessions kept at most (default 1000)
   --max-session-bytes N   CCPROXY_MAX_SESSION_BYTES  transcript size cap (default 33554432)
+  --max-connections N     CCPROXY_MAX_CONNECTIONS    connections served at once (default 1024)
+  --max-inflight-bytes N  CCPROXY_MAX_INFLIGHT_BYTES request bodies held at once, in bytes
+                                                 (default 67108864); beyond it a 503
   --log-format FORMAT     CCPROXY_LOG_FORMAT     text or json (default text)
   --log-level LEVEL       CCPROXY_LOG_LEVEL      debug, info, warn or error (default info);
                                                  debug logs bodies with secrets redacted
@@ -150,6 +155,8 @@ var settings = []setting{
 	{"session-ttl", "CCPROXY_SESSION_TTL", "24h"},
 	{"max-sessions", "CCPROXY_MAX_SESSIONS", "1000"},
 	{"max-session-bytes", "CCPROXY_MAX_SESSION_BYTES", "33554432"},
+	{"max-connections", "CCPROXY_MAX_CONNECTIONS", "1024"},
+	{"max-inflight-bytes", "CCPROXY_MAX_INFLIGHT_BYTES", "67108864"},
 	{"log-format", "CCPROXY_LOG_FORMAT", "text"},
 	{"log-level", "CCPROXY_LOG_LEVEL", "info"},
 }
@@ -166,6 +173,9 @@ type config struct {
 	sessionTTL      time.Duration
 	maxSessions     int
 	maxSessionBytes int64
+	maxConnections  int
+	maxInflight     int64         // bytes of request bodies held at once
+	bodyTimeout     time.Duration // how long a request body may stall
 	logFormat       string
 	logLevel        slog.Level
 	codexEnabled    bool
@@ -322,7 +332,7 @@ func readConfigFile(home string) (configFile, error) {
 // parseServe resolves every setting (flag > env > config file > default) and validates it. The
 // resolved values come back even when one is invalid, so `config show` can display them.
 func parseServe(args []string, getenv func(string) string, file configFile, stderr io.Writer) (config, []resolved, error) {
-	cfg := config{codexEnabled: file.codexEnabled, keepalive: keepaliveInterval}
+	cfg := config{codexEnabled: file.codexEnabled, keepalive: keepaliveInterval, bodyTimeout: 30 * time.Second}
 	fs := flag.NewFlagSet("ccproxy serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, serveUsage) }
@@ -336,6 +346,8 @@ func parseServe(args []string, getenv func(string) string, file configFile, stde
 	fs.DurationVar(&cfg.sessionTTL, "session-ttl", 0, "")
 	fs.IntVar(&cfg.maxSessions, "max-sessions", 0, "")
 	fs.Int64Var(&cfg.maxSessionBytes, "max-session-bytes", 0, "")
+	fs.IntVar(&cfg.maxConnections, "max-connections", 0, "")
+	fs.Int64Var(&cfg.maxInflight, "max-inflight-bytes", 0, "")
 	fs.StringVar(&cfg.logFormat, "log-format", "", "")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "")
 	if err := fs.Parse(args); err != nil {
@@ -395,18 +407,20 @@ func checkServe(cfg *config, all []resolved) error {
 		return bad("max-sessions", "a positive number")
 	case cfg.maxSessionBytes < 1:
 		return bad("max-session-bytes", "a positive number of bytes")
+	case cfg.maxConnections < 1:
+		return bad("max-connections", "a positive number")
+	case cfg.maxInflight < maxBodyBytes:
+		return bad("max-inflight-bytes", fmt.Sprintf("at least the body cap, %d", maxBodyBytes))
 	case cfg.logFormat != "text" && cfg.logFormat != "json":
 		return bad("log-format", "text or json")
-	case cfg.apiKey == "" && !isLoopback(cfg.host):
-		return usagef("refusing to listen on %s without an API key: anyone who can reach it could use your "+
-			"ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1", cfg.host)
 	}
 	return nil
 }
 
-// isLoopback reports whether host names only this machine.
+// isLoopback reports whether a Host names only this machine. Names compare case-insensitively,
+// and a trailing dot makes no difference (RFC 1034 §3.1).
 func isLoopback(host string) bool {
-	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	host = strings.ToLower(strings.TrimSuffix(strings.TrimSuffix(strings.TrimPrefix(host, "["), "]"), "."))
 	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
 		return true
 	}
@@ -537,7 +551,71 @@ func writeFileAtomic(path string, data []byte) error {
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	// The rename is durable only once the directory is synced; Windows cannot sync one, and
+	// there a failure changes nothing.
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
 	return nil
+}
+
+// lockFile takes the lock at path: a file created exclusively (O_EXCL, atomic on Linux, macOS
+// and Windows alike) that holds the holder's process id. A lock whose holder is gone (its
+// process no longer runs, or the lock is older than stale, when stale > 0) is taken over. It
+// waits for a live holder until ctx ends; the error then names the holder.
+func lockFile(ctx context.Context, path string, stale time.Duration) (unlock func(), err error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	for {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err == nil {
+			_, err = fmt.Fprintf(f, "%d\n", os.Getpid())
+			if err = cmp.Or(err, f.Close()); err != nil {
+				os.Remove(path)
+				return nil, err
+			}
+			return sync.OnceFunc(func() { os.Remove(path) }), nil
+		}
+		if !errors.Is(err, fs.ErrExist) {
+			return nil, err
+		}
+		holder, gone := lockHolder(path, stale)
+		if gone {
+			os.Remove(path)
+			continue
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return nil, fmt.Errorf("%s is held by process %d (%w)", path, holder, err)
+		}
+	}
+}
+
+// lockHolder reads the process id in a lock file and says whether the lock is stale.
+func lockHolder(path string, stale time.Duration) (pid int, gone bool) {
+	b, err := os.ReadFile(path)
+	fi, serr := os.Stat(path)
+	if err != nil || serr != nil {
+		return 0, false // released meanwhile: try again
+	}
+	pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+	age := time.Since(fi.ModTime())
+	switch {
+	case pid <= 0: // being written, or left empty by a crash
+		return 0, age > 10*time.Second
+	case stale > 0 && age > stale:
+		return pid, true
+	}
+	p, err := os.FindProcess(pid) // on Windows this fails for a process that is gone
+	if err != nil {
+		return pid, true
+	}
+	if runtime.GOOS == "windows" {
+		return pid, false
+	}
+	err = p.Signal(syscall.Signal(0)) // elsewhere signal 0 probes: ESRCH means gone
+	return pid, err != nil && !errors.Is(err, os.ErrPermission)
 }
 
 // versionString reports the module version stamped by `go install
@@ -556,6 +634,15 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	logger := newLogger(stderr, cfg.logFormat, cfg.logLevel)
+	// Two servers on one home would silently drop each other's answered turns.
+	now, cancel := context.WithTimeout(ctx, 0)
+	unlock, err := lockFile(now, filepath.Join(cfg.home, "serve.lock"), 0)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("another ccproxy serve uses %s: %w; stop it, or give this one another CCPROXY_HOME", cfg.home, err)
+	}
+	defer unlock()
+	rollForward(cfg.authPath)
 
 	// Token refreshes outlive any one request, so the auth client is built
 	// once here; it may use a whole-request timeout because it never streams.
@@ -572,13 +659,20 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen on port %d: %w (is another server using it? choose another with --port)", cfg.port, err)
 	}
-	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
-	if !isLoopback(cfg.host) {
-		logger.Warn("listening beyond this machine; every request needs the API key", "host", cfg.host)
+	// Loopback is judged by the address bound, not by the name given: a name may resolve anywhere.
+	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+		if cfg.apiKey == "" {
+			ln.Close()
+			return usagef("refusing to listen on %s (%s) without an API key: anyone who can reach it could use "+
+				"your ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1", cfg.host, ip)
+		}
+		logger.Warn("listening beyond this machine; every request needs the API key", "address", ip)
 	}
+	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
 	srv := &http.Server{
 		Handler: handler,
-		// Slow-header clients would otherwise hold goroutines forever.
+		// Slow-header clients would otherwise hold goroutines forever; a stalled body is cut off
+		// by readBody, and a connection limit keeps what remains from exhausting descriptors.
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		// No WriteTimeout: an SSE response legitimately outlives any fixed
@@ -586,7 +680,7 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	go func() { served <- srv.Serve(&limitListener{ln, make(chan struct{}, cfg.maxConnections)}) }()
 	select {
 	case err := <-served:
 		return fmt.Errorf("serve: %w", err)
@@ -601,6 +695,35 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 		srv.Close()
 	}
 	return nil
+}
+
+// limitListener accepts a connection only while fewer than cap(slots) are open; the others
+// wait in the kernel's queue. A flood of connections cannot exhaust the descriptors that the
+// backend's connections and the session files need.
+type limitListener struct {
+	net.Listener
+	slots chan struct{}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	l.slots <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+}
+
+// limitConn gives its slot back when closed.
+type limitConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *limitConn) Close() error {
+	c.release()
+	return c.Conn.Close()
 }
 
 // newLogger builds the one logger of the process.

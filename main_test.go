@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -312,5 +313,103 @@ func TestDeps(t *testing.T) {
 		if !strings.HasPrefix(dep, "github.com/ccproxy-go/ccproxy") && !strings.HasPrefix(dep, "golang.org/x/oauth2") {
 			t.Errorf("dependency %s is not allowed: only the standard library and golang.org/x/oauth2", dep)
 		}
+	}
+}
+
+// TestServeOwnsItsHome: a second serve on the same CCPROXY_HOME refuses to start and names
+// the process that holds it; a lock left by a process that is gone is taken over.
+func TestServeOwnsItsHome(t *testing.T) {
+	env := testEnv(t)
+	startServe(t, env)
+	_, stderr, code := runCmd(t, env, "serve", "--port", "0")
+	if code != 1 || !strings.Contains(stderr, "another ccproxy serve uses") || !strings.Contains(stderr, fmt.Sprintf("process %d", os.Getpid())) {
+		t.Errorf("second serve: exit %d, %q; want 1 naming the holder", code, stderr)
+	}
+	stale := testEnv(t)
+	os.MkdirAll(stale["CCPROXY_HOME"], 0o700)
+	// A process id that no process has (Linux caps them at 2^22).
+	os.WriteFile(filepath.Join(stale["CCPROXY_HOME"], "serve.lock"), []byte("99999999\n"), 0o600)
+	startServe(t, stale)
+}
+
+// TestBindChecksTheAddress: without an API key serve refuses any address that is not loopback,
+// whatever name gave it.
+func TestBindChecksTheAddress(t *testing.T) {
+	hosts := []string{"0.0.0.0", "::"}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range addrs {
+			if ip, ok := a.(*net.IPNet); ok && !ip.IP.IsLoopback() && ip.IP.To4() != nil {
+				hosts = append(hosts, ip.IP.String())
+			}
+		}
+	}
+	for _, host := range hosts {
+		_, stderr, code := runCmd(t, testEnv(t), "serve", "--host", host, "--port", "0")
+		if code != 2 || !strings.Contains(stderr, "without an API key") {
+			t.Errorf("--host %s: exit %d, %q; want 2 and a refusal", host, code, stderr)
+		}
+	}
+	env := testEnv(t)
+	env["CCPROXY_HOST"] = "LOCALHOST"
+	startServe(t, env) // a name that resolves to loopback is fine
+}
+
+// TestRollForward: a refresh cut short between the token server's answer and the rename left a
+// complete, newer temp file: serve puts it in place; a stale or torn one is removed.
+func TestRollForward(t *testing.T) {
+	env := testEnv(t)
+	dir := env["CODEX_HOME"]
+	os.MkdirAll(dir, 0o700)
+	auth := func(refresh, when string) string {
+		return fmt.Sprintf(`{"OPENAI_API_KEY":null,"tokens":{"access_token":"","refresh_token":%q},"last_refresh":%q}`, refresh, when)
+	}
+	os.WriteFile(filepath.Join(dir, "auth.json"), []byte(auth("rt-spent", "2026-12-01T00:00:00Z")), 0o600)
+	os.WriteFile(filepath.Join(dir, ".auth.json.tmp111"), []byte(auth("rt-new", "2026-12-04T00:00:00Z")), 0o600)
+	os.WriteFile(filepath.Join(dir, ".auth.json.tmp222"), []byte(auth("rt-older", "2026-11-01T00:00:00Z")), 0o600)
+	os.WriteFile(filepath.Join(dir, ".auth.json.tmp333"), []byte(`{"tokens":{"refresh_tok`), 0o600)
+	startServe(t, env)
+	b, _ := os.ReadFile(filepath.Join(dir, "auth.json"))
+	left, _ := filepath.Glob(filepath.Join(dir, ".auth.json.tmp*"))
+	if !strings.Contains(string(b), "rt-new") || len(left) != 0 {
+		t.Errorf("auth.json %s and temp files %v; want rt-new and no temp files", b, left)
+	}
+}
+
+// TestLimitListener: with every slot taken, a connection waits in the queue until one closes.
+func TestLimitListener(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &limitListener{inner, make(chan struct{}, 1)}
+	defer l.Close()
+	for range 2 {
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	first, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := make(chan net.Conn)
+	go func() {
+		c, _ := l.Accept()
+		second <- c
+	}()
+	if len(l.slots) != cap(l.slots) {
+		t.Fatalf("%d of %d slots taken; want all", len(l.slots), cap(l.slots))
+	}
+	first.Close()
+	first.Close() // closing twice gives the slot back once
+	if c := <-second; c == nil {
+		t.Fatal("the queued connection was not accepted after a slot freed")
+	} else {
+		c.Close()
+	}
+	if len(l.slots) != 0 {
+		t.Errorf("%d slots taken after both closed; want 0", len(l.slots))
 	}
 }

@@ -98,6 +98,16 @@ func (c *call) setTier(tier string) {
 // object is a JSON object decoded one level deep.
 type object map[string]json.RawMessage
 
+// rawJSON is a JSON value kept as the bytes of the request body it came in, not a copy: an
+// inline image is most of a large body, and would otherwise be copied at every level it is
+// decoded through. Request bodies are read once and never changed.
+type rawJSON []byte
+
+func (r *rawJSON) UnmarshalJSON(b []byte) error {
+	*r = b
+	return nil
+}
+
 // chatParams are the Chat Completions members parseChat translates (n is only checked).
 var chatParams = []string{"model", "messages", "stream", "stream_options", "tools", "tool_choice",
 	"parallel_tool_calls", "response_format", "reasoning_effort", "verbosity", "service_tier"}
@@ -112,7 +122,7 @@ var responsesParams = []string{"model", "input", "instructions", "tools", "tool_
 // answers anything it does not know with 400 "Unsupported parameter", but the client is told.
 // store:false is not listed: it is what the backend gets anyway.
 func decodeBody(body []byte, known []string, v any) ([]string, error) {
-	var o object
+	var o map[string]rawJSON
 	if json.Unmarshal(body, &o) != nil || o == nil {
 		// OpenAI answers a body it cannot parse with param null: there is no parameter to name.
 		return nil, invalid("", "We could not parse the JSON body of your request: expected a JSON object.")
@@ -146,7 +156,7 @@ func decodeParam(raw []byte, param string, v any) error {
 }
 
 // isNull reports whether a member decoded into a RawMessage is absent or null.
-func isNull(raw json.RawMessage) bool { return len(raw) == 0 || string(raw) == "null" }
+func isNull(raw []byte) bool { return len(raw) == 0 || string(raw) == "null" }
 
 // marshal encodes v without HTML escaping (the bytes go to APIs, not to browsers).
 func marshal(v any) json.RawMessage {
@@ -224,10 +234,10 @@ type functionDef struct {
 
 // chatRequest holds the Chat Completions members parseChat reads.
 type chatRequest struct {
-	Model         string            `json:"model"`
-	Messages      []json.RawMessage `json:"messages"`
-	N             int               `json:"n"`
-	Stream        bool              `json:"stream"`
+	Model         string    `json:"model"`
+	Messages      []rawJSON `json:"messages"`
+	N             int       `json:"n"`
+	Stream        bool      `json:"stream"`
 	StreamOptions struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
@@ -253,9 +263,9 @@ type chatRequest struct {
 
 // chatMessage is one member of a Chat Completions messages array.
 type chatMessage struct {
-	Role       string          `json:"role"`
-	Content    json.RawMessage `json:"content"`
-	ToolCallID string          `json:"tool_call_id"`
+	Role       string  `json:"role"`
+	Content    rawJSON `json:"content"`
+	ToolCallID string  `json:"tool_call_id"`
 	ToolCalls  []struct {
 		ID       string `json:"id"`
 		Function struct {
@@ -270,7 +280,7 @@ type chatPart struct {
 	Type       string          `json:"type"`
 	Text       string          `json:"text"`
 	Refusal    string          `json:"refusal"`
-	ImageURL   json.RawMessage `json:"image_url"`
+	ImageURL   rawJSON         `json:"image_url"`
 	Cache      json.RawMessage `json:"cache_control"`           // Anthropic-style prompt caching:
 	Breakpoint json.RawMessage `json:"prompt_cache_breakpoint"` // refused by the backend
 }
@@ -293,7 +303,7 @@ func parseChat(body []byte) (*call, error) {
 		return nil, invalid("messages", "Missing required parameter: 'messages'.")
 	}
 	for i, raw := range r.Messages {
-		if err := c.chatItems(raw, "messages["+strconv.Itoa(i)+"]"); err != nil {
+		if err := c.chatItems(json.RawMessage(raw), "messages["+strconv.Itoa(i)+"]"); err != nil {
 			return nil, err
 		}
 	}
@@ -363,7 +373,7 @@ func (c *call) chatItems(raw json.RawMessage, param string) error {
 	default:
 		return invalid(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
 	}
-	parts, err := c.chatContent(m.Content, param, textType, role == "user")
+	parts, err := c.chatContent(json.RawMessage(m.Content), param, textType, role == "user")
 	if err != nil {
 		return err
 	}
@@ -401,7 +411,7 @@ func (c *call) chatToolOutput(m *chatMessage, param string) error {
 	if m.ToolCallID == "" {
 		return invalid(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
 	}
-	parts, err := c.chatContent(m.Content, param, "input_text", false)
+	parts, err := c.chatContent(json.RawMessage(m.Content), param, "input_text", false)
 	var out strings.Builder
 	for _, p := range parts {
 		out.WriteString(p.(textPart).Text)
@@ -414,7 +424,7 @@ func (c *call) chatToolOutput(m *chatMessage, param string) error {
 // textType; images are allowed only where the backend takes them (user messages).
 func (c *call) chatContent(raw json.RawMessage, param, textType string, images bool) ([]any, error) {
 	var s string
-	if isNull(raw) || json.Unmarshal(raw, &s) == nil {
+	if isNull(raw) || raw[0] == '"' && json.Unmarshal(raw, &s) == nil {
 		if s == "" {
 			return nil, nil
 		}
@@ -439,7 +449,7 @@ func (c *call) chatContent(raw json.RawMessage, param, textType string, images b
 		case p.Type == "refusal" && textType == "output_text":
 			out = append(out, textPart{textType, p.Refusal})
 		case p.Type == "image_url" && images:
-			img, err := chatImage(p.ImageURL, pp)
+			img, err := chatImage(json.RawMessage(p.ImageURL), pp)
 			if err != nil {
 				return nil, err
 			}
@@ -451,21 +461,25 @@ func (c *call) chatContent(raw json.RawMessage, param, textType string, images b
 	return out, nil
 }
 
-// inputImage is an input_image part: the backend wants image_url as a plain string.
+// inputImage is an input_image part: the backend wants image_url as a plain string, here the
+// JSON string as the client sent it (a data URL is most of a large body: it is not decoded).
 type inputImage struct {
-	Type     string `json:"type"`
-	ImageURL string `json:"image_url"`
-	Detail   string `json:"detail,omitempty"`
+	Type     string          `json:"type"`
+	ImageURL json.RawMessage `json:"image_url"`
+	Detail   string          `json:"detail,omitempty"`
 }
 
 // chatImage reads an image_url member, a URL string or {"url", "detail"}.
 func chatImage(raw json.RawMessage, param string) (inputImage, error) {
-	img := inputImage{Type: "input_image"}
-	var v struct{ URL, Detail string }
-	if json.Unmarshal(raw, &img.ImageURL) != nil && json.Unmarshal(raw, &v) == nil {
-		img.ImageURL, img.Detail = v.URL, v.Detail
+	img := inputImage{Type: "input_image", ImageURL: raw}
+	var v struct {
+		URL    rawJSON
+		Detail string
 	}
-	if img.ImageURL == "" {
+	if len(raw) > 0 && raw[0] == '{' && json.Unmarshal(raw, &v) == nil {
+		img.ImageURL, img.Detail = json.RawMessage(v.URL), v.Detail
+	}
+	if len(img.ImageURL) < 3 || img.ImageURL[0] != '"' {
 		return img, invalid(param+".image_url",
 			"Invalid value for '%s.image_url': expected a URL string or {\"url\": …}.", param)
 	}
@@ -533,7 +547,7 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 // responsesRequest holds the Responses members parseResponses keeps or consumes.
 type responsesRequest struct {
 	Model              string            `json:"model"`
-	Input              json.RawMessage   `json:"input"`
+	Input              rawJSON           `json:"input"`
 	Instructions       *string           `json:"instructions"`
 	Tools              []json.RawMessage `json:"tools"`
 	ToolChoice         json.RawMessage   `json:"tool_choice"`
@@ -567,7 +581,7 @@ func parseResponses(body []byte) (*call, error) {
 	// Tools of every type (function, custom, namespace, web_search…) are the client's business.
 	c.tools, c.instructions, c.parallel, c.cacheKey = r.Tools, r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
 	c.stream, c.previousID = r.Stream, r.PreviousResponseID
-	if err := c.responsesInput(r.Input); err != nil {
+	if err := c.responsesInput(json.RawMessage(r.Input)); err != nil {
 		return nil, err
 	}
 	if c.include = r.Include; !slices.Contains(c.include, encryptedReasoning) {
@@ -604,7 +618,7 @@ func parseResponses(body []byte) (*call, error) {
 // store=false, so they are dropped and reported.
 func (c *call) responsesInput(raw json.RawMessage) error {
 	var s string
-	var items []json.RawMessage
+	var items []rawJSON
 	switch {
 	case isNull(raw):
 	case json.Unmarshal(raw, &s) == nil:
@@ -619,7 +633,7 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 		return invalid("input", "Missing required parameter: 'input'.")
 	}
 	for i, item := range items {
-		o, err := c.normalizeItem(item, "input["+strconv.Itoa(i)+"]")
+		o, err := c.normalizeItem(json.RawMessage(item), "input["+strconv.Itoa(i)+"]")
 		switch typ := string(o["type"]); {
 		case err != nil:
 			return invalid("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
@@ -747,8 +761,19 @@ func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, s
 	if p.asMessage && c.instructions != nil && *c.instructions != "" {
 		head = append(head, marshal(messageItem{"message", "developer", []any{textPart{"input_text", *c.instructions}}}))
 	}
-	b.Input = append(head, input...)
-	return &request{model: c.model, body: marshal(b), header: h}
+	// The items are already valid JSON, and may be most of a large body (an inline image): they
+	// are copied once, into their place, rather than encoded again.
+	body := marshal(b)
+	at := bytes.Index(body, []byte(`"input":null`)) + len(`"input":`)
+	out := append(make([]byte, 0, len(body)+int(sizeOf(head)+sizeOf(input))+len(head)+len(input)+2), body[:at]...)
+	out = append(out, '[')
+	for i, it := range slices.Concat(head, input) {
+		if i > 0 {
+			out = append(out, ',')
+		}
+		out = append(out, it...)
+	}
+	return &request{model: c.model, body: append(append(out, ']'), body[at+len("null"):]...), header: h}
 }
 
 // check refuses, before any upstream call, what the model's catalog entry says it cannot take:
