@@ -18,6 +18,8 @@ import (
 	"net/http"
 	"os"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -197,6 +199,11 @@ func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessio
 	}
 	mux.Handle("GET /codex/models", codex(handleModels(models)))
 	mux.Handle("GET /codex/v1/models", codex(handleModels(models)))
+	for _, path := range []string{"/codex/responses/{id}", "/codex/v1/responses/{id}"} {
+		mux.Handle("GET "+path, codex(handleStored(sessions, false)))
+		mux.Handle("GET "+path+"/input_items", codex(handleStored(sessions, true)))
+		mux.Handle("DELETE "+path, codex(handleStoredDelete(sessions)))
+	}
 	mux.Handle("GET /codex/sessions", codex(handleSessionList(sessions)))
 	mux.Handle("GET /codex/sessions/{id}", codex(handleSessionGet(sessions)))
 	mux.Handle("DELETE /codex/sessions/{id}", codex(handleSessionDelete(sessions)))
@@ -375,20 +382,27 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, mod
 			return
 		}
 		m := p.models.find(r.Context(), c.model)
-		if err := check(c, m); err != nil {
-			writeError(w, r, err)
-			return
+		if err = check(c, m); err == nil {
+			c.input, err = sessions.expand(c.input)
 		}
-		sess, sid, err := openSession(r, sessions, c)
 		if err != nil {
 			writeError(w, r, err)
 			return
 		}
-		defer sess.release()
+		sess, sid, keep, err := openSession(r, sessions, c)
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		defer func() { sess.release() }()
 		input, err := sess.input(c.input)
 		if err != nil {
 			writeError(w, r, err)
 			return
+		}
+		if !keep { // a previous_response_id followed with store:false: read, not written
+			sess.release()
+			sess = nil
 		}
 		w.Header().Set("X-Session-Id", sid)
 		if len(c.ignored) > 0 {
@@ -397,14 +411,18 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, mod
 		out := newRenderer(w, r, c, mode, keepalive)
 		var t turn
 		err = exchange(r.Context(), up, p, c, input, m, sid, &t, out, w.Header())
+		var object []byte // the Responses object, kept and sent
+		if err == nil && !c.chat {
+			object = responseObject(&t, c)
+		}
 		if err == nil {
-			err = sess.commit(input, t.items, t.id)
+			err = sess.commit(input, t.items, t.id, object, len(c.input))
 		}
 		if err != nil {
 			out.fail(err)
 			return
 		}
-		out.end(&t)
+		out.end(&t, object)
 	})
 }
 
@@ -473,28 +491,33 @@ func readCall(w http.ResponseWriter, r *http.Request, b *bodies) (*call, func(),
 	return c, release, nil
 }
 
-// openSession finds the request's session: the one behind previous_response_id, or the one
-// named by the path or a header, locked for this turn. A chat request without a session is
-// not stored (nil session): chat clients resend their history and cannot name a stored turn.
-// A Responses request without one gets a new stored session, so that previous_response_id can
-// refer to it later.
-func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, string, error) {
-	if c.previousID != "" {
-		sess, err := sessions.acquireResponse(r.Context(), c.previousID)
-		if err != nil {
-			return nil, "", err
-		}
-		return sess, sess.id(), nil
-	}
+// openSession finds the request's session, locked for this turn, and whether the turn is to
+// be kept in it. A session named by the path or a header keeps every turn, whatever store
+// says: naming it asked for that. Otherwise a Responses request is stored, in the session
+// behind its previous_response_id or a new automatic one, unless it says store:false. A chat
+// request without a session is not stored: chat clients resend their history and cannot
+// name a stored turn.
+func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, string, bool, error) {
 	// The Codex CLI sends "session-id" (2026) or "session_id" (2025).
 	id := cmp.Or(r.PathValue("session_id"), r.Header.Get("Session-Id"), r.Header.Get("Session_id"),
 		r.Header.Get("X-Session-Id"))
-	if id == "" && c.chat {
-		return nil, conversationID(c, r), nil
+	keep := id != "" || c.store == nil || *c.store
+	if c.previousID != "" {
+		sess, err := sessions.acquireResponse(r.Context(), c.previousID)
+		if err != nil {
+			return nil, "", false, err
+		}
+		return sess, sess.id(), keep, nil
 	}
-	id = cmp.Or(id, newUUID())
+	switch {
+	case id == "" && c.chat:
+		return nil, conversationID(c, r), false, nil
+	case !keep:
+		return nil, newUUID(), false, nil
+	}
+	id = cmp.Or(id, autoPrefix+newUUID())
 	sess, err := sessions.acquire(r.Context(), id)
-	return sess, id, err
+	return sess, id, true, err
 }
 
 // conversationID names a chat conversation that has no session: a hash of its opening (the
@@ -626,11 +649,11 @@ func redact(body []byte) string {
 
 // renderer writes one client API's answer while the turn grows.
 type renderer interface {
-	piece(p *piece)  // a piece of the reply
-	event(ev *event) // every backend event, after the turn took it in
-	flush()          // no more upstream bytes are waiting
-	end(t *turn)     // the turn is complete and saved
-	fail(err error)  // the turn failed, or could not be saved
+	piece(p *piece)             // a piece of the reply
+	event(ev *event)            // every backend event, after the turn took it in
+	flush()                     // no more upstream bytes are waiting
+	end(t *turn, object []byte) // the turn is complete and saved; object: the Responses object
+	fail(err error)             // the turn failed, or could not be saved
 }
 
 // newRenderer picks the output for the call: a JSON answer, chat chunks, or the backend's own
@@ -663,8 +686,8 @@ func (o *jsonRenderer) piece(*piece)   {}
 func (o *jsonRenderer) event(*event)   {}
 func (o *jsonRenderer) flush()         {}
 func (o *jsonRenderer) fail(err error) { writeError(o.w, o.r, err) }
-func (o *jsonRenderer) end(t *turn) {
-	b := responseObject(t)
+func (o *jsonRenderer) end(t *turn, object []byte) {
+	b := object
 	if o.c.chat {
 		b = chatCompletion(t, o.id, o.created, o.c.model, o.mode, o.c.jsonMode)
 	}
@@ -706,12 +729,15 @@ func (o *streamRenderer) event(ev *event) {
 
 func (o *streamRenderer) flush() { o.sw.flush() }
 
-func (o *streamRenderer) end(t *turn) {
+func (o *streamRenderer) end(t *turn, obj []byte) {
 	if o.chat != nil {
 		o.chat.finish(t, o.includeUsage)
 		o.sw.event("", []byte("[DONE]"))
-	} else {
-		o.sw.event(o.heldName, o.held)
+	} else { // the backend's terminal event, with the object the client would get without a stream
+		var ev object
+		json.Unmarshal(o.held, &ev)
+		ev["response"] = obj
+		o.sw.event(o.heldName, marshal(ev))
 	}
 	o.sw.flush()
 	o.sw.close()
@@ -823,6 +849,64 @@ func handleModels(models *catalog) http.Handler {
 			}
 		}
 		writeJSON(w, map[string]any{"object": "list", "data": data})
+	})
+}
+
+// handleStored answers GET of a stored response, or of its input items as an OpenAI list
+// (order, after and limit as the OpenAI API takes them). Stored items have no ids of their
+// own, so listed ones are named by their place.
+func handleStored(sessions *sessionStore, inputItems bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		e, items, err := sessions.stored(r.PathValue("id"))
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		if !inputItems {
+			writeJSON(w, []byte(e.Response))
+			return
+		}
+		q := r.URL.Query()
+		limit, err := strconv.Atoi(cmp.Or(q.Get("limit"), "20"))
+		if err != nil || limit < 1 || limit > 100 {
+			writeError(w, r, invalid("limit", "Invalid value for 'limit': expected an integer from 1 to 100."))
+			return
+		}
+		var ids []string
+		var list []json.RawMessage
+		for i := range e.Input[1] - e.Input[0] {
+			var o object
+			json.Unmarshal(items[e.Input[0]+i], &o)
+			ids = append(ids, fmt.Sprintf("item_%d", i))
+			o["id"] = marshal(ids[i])
+			list = append(list, marshal(o))
+		}
+		if q.Get("order") != "asc" { // the OpenAI default is desc
+			slices.Reverse(ids)
+			slices.Reverse(list)
+		}
+		if i := slices.Index(ids, q.Get("after")); i >= 0 {
+			ids, list = ids[i+1:], list[i+1:]
+		}
+		n := min(limit, len(list))
+		page := map[string]any{"object": "list", "data": append([]json.RawMessage{}, list[:n]...),
+			"has_more": len(list) > n, "first_id": nil, "last_id": nil}
+		if n > 0 {
+			page["first_id"], page["last_id"] = ids[0], ids[n-1]
+		}
+		writeJSON(w, page)
+	})
+}
+
+// handleStoredDelete forgets a stored response.
+func handleStoredDelete(sessions *sessionStore) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		if err := sessions.deleteResponse(id); err != nil {
+			writeError(w, r, err)
+			return
+		}
+		writeJSON(w, map[string]any{"id": id, "object": "response", "deleted": true})
 	})
 }
 

@@ -23,6 +23,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // backendModels is what the fake backend accepts and lists.
@@ -174,6 +175,25 @@ func rejectsItems(body map[string]any, m catalogModel) string {
 			if part["type"] == "input_image" && m.Modalities != nil && !slices.Contains(m.Modalities, "image") {
 				return detail("This model does not support image input.")
 			}
+		}
+	}
+	calls, outputs := map[string]bool{}, map[string]bool{}
+	for _, it := range items {
+		item := it.(map[string]any)
+		id, _ := item["call_id"].(string)
+		switch item["type"] {
+		case "function_call", "custom_tool_call":
+			calls[id] = true
+		case "function_call_output", "custom_tool_call_output":
+			if !calls[id] {
+				return fmt.Sprintf(`{"error":{"message":"No tool call found for function call output with call_id %s.","type":"invalid_request_error","param":"input","code":null}}`, id)
+			}
+			outputs[id] = true
+		}
+	}
+	for id := range calls {
+		if !outputs[id] {
+			return detail("No tool output found for function call " + id + ".")
 		}
 	}
 	tools, _ := body["tools"].([]any)
@@ -2006,5 +2026,178 @@ func BenchmarkUploads(b *testing.B) {
 			b.ReportMetric(float64(busy)/float64(b.N), "503/op")
 			b.ReportMetric(0, "ns/op")
 		})
+	}
+}
+
+// reasonedReply answers with a reasoning item (encrypted) and a message, both with ids.
+func reasonedReply(respID, text string) []string {
+	rs := map[string]any{"id": "rs_" + respID, "type": "reasoning", "summary": []any{}, "encrypted_content": "gAAA-" + respID}
+	msg := map[string]any{"id": "msg_" + respID, "type": "message", "role": "assistant",
+		"content": []any{map[string]any{"type": "output_text", "text": text}}}
+	return []string{
+		sse("response.created", map[string]any{"response": map[string]any{"id": respID, "output": []any{}}}),
+		sse("response.output_item.done", map[string]any{"output_index": 0, "item": rs}),
+		sse("response.output_item.done", map[string]any{"output_index": 1, "item": msg}),
+		sse("response.completed", map[string]any{"response": map[string]any{"id": respID, "status": "completed",
+			"model": "gpt-5.5", "output": []any{rs, msg}}}),
+	}
+}
+
+// TestStoredResponses: the Responses store as the OpenAI SDKs and the Vercel AI SDK use it:
+// item_reference expansion, retrieve, input_items, delete, and what store:false means.
+func TestStoredResponses(t *testing.T) {
+	n := 0
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		n++
+		writeEvents(w, reasonedReply(fmt.Sprintf("resp_%d", n), fmt.Sprintf("answer %d", n)))
+	})
+	p := newProxy(t, fb)
+	_, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"My name is Alice","instructions":"be brief"}`)
+	if got := decode(t, body); got["previous_response_id"] != nil || got["store"] != true || got["instructions"] != "be brief" {
+		t.Errorf("first response %s; want previous_response_id null, store true and the instructions echoed", body)
+	}
+	// The Vercel AI SDK's second turn: earlier items by reference, no previous_response_id.
+	_, body = p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":[{"role":"user","content":"My name is Alice"},
+		{"type":"item_reference","id":"rs_resp_1"},{"type":"item_reference","id":"msg_resp_1"},{"role":"user","content":"What is my name?"}]}`)
+	in := jsonString(fb.bodies[1]["input"])
+	if !strings.Contains(in, `"encrypted_content":"gAAA-resp_1"`) || !strings.Contains(in, "answer 1") || strings.Contains(in, "item_reference") || strings.Contains(in, `"id"`) {
+		t.Errorf("expanded input %s; want the reasoning and the message, without ids", in)
+	}
+	resp, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":[{"type":"item_reference","id":"msg_nope"}]}`)
+	if resp.StatusCode != 404 || !strings.Contains(body, "Item with id 'msg_nope' not found.") {
+		t.Errorf("unknown reference: %d %s; want 404", resp.StatusCode, body)
+	}
+	_, body = p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"and again","previous_response_id":"resp_2"}`)
+	if got := decode(t, body); got["previous_response_id"] != "resp_2" {
+		t.Errorf("chained response %s; want previous_response_id resp_2", body)
+	}
+	for _, path := range []string{"/codex/v1/responses/resp_3", "/codex/responses/resp_3"} {
+		if _, body := p.get(t, path); decode(t, body)["output_text"] != "answer 3" || decode(t, body)["previous_response_id"] != "resp_2" {
+			t.Errorf("GET %s = %s; want the stored response", path, body)
+		}
+	}
+	_, body = p.get(t, "/codex/v1/responses/resp_2/input_items?order=asc&limit=2")
+	items := decode(t, body)
+	if data, _ := items["data"].([]any); len(data) != 2 || items["has_more"] != true || jsonPath(data, 0, "content") != "My name is Alice" {
+		t.Errorf("input_items = %s; want the first two of four, in order", body)
+	}
+	_, body = p.get(t, "/codex/v1/responses/resp_2/input_items?order=asc&after="+fmt.Sprint(items["last_id"]))
+	if data, _ := decode(t, body)["data"].([]any); len(data) != 2 || !strings.Contains(jsonString(data[1]), "What is my name?") {
+		t.Errorf("input_items after %v = %s; want the last two", items["last_id"], body)
+	}
+	req, _ := http.NewRequest("DELETE", p.URL+"/codex/v1/responses/resp_3", nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("DELETE: %v %v", resp, err)
+	}
+	for _, path := range []string{"/codex/v1/responses/resp_3", "/codex/v1/responses/resp_3/input_items", "/codex/v1/responses/nope"} {
+		if resp, body := p.get(t, path); resp.StatusCode != 404 || !strings.Contains(body, `"error":{`) {
+			t.Errorf("GET %s after delete: %d %s; want 404", path, resp.StatusCode, body)
+		}
+	}
+	if resp, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"x","previous_response_id":"resp_3"}`); resp.StatusCode != 404 {
+		t.Errorf("previous_response_id of a deleted response: %d %s; want 404", resp.StatusCode, body)
+	}
+	// store:false keeps nothing without a named session, and everything in one.
+	_, body = p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"secret","store":false}`)
+	if decode(t, body)["store"] != false {
+		t.Errorf("store:false response %s; want store false echoed", body)
+	}
+	if resp, _ := p.get(t, "/codex/v1/responses/resp_4"); resp.StatusCode != 404 {
+		t.Errorf("a store:false response was kept")
+	}
+	p.post(t, "/codex/named/responses", `{"model":"gpt-5.5","input":"kept","store":false}`)
+	if resp, _ := p.get(t, "/codex/v1/responses/resp_5"); resp.StatusCode != 200 {
+		t.Errorf("a store:false response in a named session was not kept")
+	}
+}
+
+// TestDanglingToolCalls: a turn that ended in a call the client never answers does not wedge
+// the conversation: the next request gets an aborted output for it, as the Codex CLI closes an
+// interrupted turn, on every path that keeps a conversation.
+func TestDanglingToolCalls(t *testing.T) {
+	tools := `"tools":[{"type":"function","name":"get_weather","parameters":{"type":"object","properties":{}}}]`
+	tests := []struct{ name, path, first, second string }{
+		{"chat session", "/codex/chat1/chat/completions",
+			`{"model":"gpt-5.5","messages":[{"role":"user","content":"weather?"}]}`,
+			`{"model":"gpt-5.5","messages":[{"role":"user","content":"never mind, hi"}]}`},
+		{"responses session", "/codex/resp1/responses",
+			`{"model":"gpt-6-sol",` + tools + `,"input":"weather?"}`, `{"model":"gpt-6-sol",` + tools + `,"input":"never mind"}`},
+		{"previous_response_id", "/codex/v1/responses",
+			`{"model":"gpt-5.5",` + tools + `,"input":"weather?"}`, `{"model":"gpt-5.5",` + tools + `,"input":"never mind","previous_response_id":"resp_1"}`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			n := 0
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				if n++; n == 1 {
+					writeEvents(w, callReply("resp_1"))
+				} else {
+					writeEvents(w, textReply("resp_2", "ok then"))
+				}
+			})
+			p := newProxy(t, fb)
+			p.post(t, tc.path, tc.first)
+			resp, body := p.post(t, tc.path, tc.second)
+			if resp.StatusCode != 200 || !strings.Contains(body, "ok then") {
+				t.Fatalf("second turn: %d %s", resp.StatusCode, body)
+			}
+			if in := jsonString(fb.bodies[1]["input"]); !strings.Contains(in, `{"call_id":"call_w","output":"aborted","type":"function_call_output"}`) &&
+				!strings.Contains(in, `{"type":"function_call_output","call_id":"call_w","output":"aborted"}`) {
+				t.Errorf("second upstream input %s; want the call closed as aborted", in)
+			}
+		})
+	}
+}
+
+// TestNamedSessionsOutliveAutomatic: automatic sessions (unnamed Responses requests) never
+// evict a session the client named.
+func TestNamedSessionsOutliveAutomatic(t *testing.T) {
+	n := 0
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		n++
+		writeEvents(w, textReply(fmt.Sprintf("resp_%d", n), "ok"))
+	})
+	p := newProxy(t, fb, func(c *config) { c.maxSessions = 3 })
+	for _, name := range []string{"alice", "bob"} {
+		if resp, body := p.post(t, "/codex/"+name+"/responses", `{"model":"gpt-5.5","input":"hi"}`); resp.StatusCode != 200 {
+			t.Fatalf("%s: %d %s", name, resp.StatusCode, body)
+		}
+	}
+	for i := range 5 {
+		if resp, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":"hi"}`); resp.StatusCode != 200 {
+			t.Fatalf("unnamed %d: %d %s", i, resp.StatusCode, body)
+		}
+	}
+	for _, name := range []string{"alice", "bob"} {
+		if resp, _ := p.get(t, "/codex/sessions/"+name); resp.StatusCode != 200 {
+			t.Errorf("session %s was evicted for automatic ones", name)
+		}
+	}
+	if resp, body := p.post(t, "/codex/carol/responses", `{"model":"gpt-5.5","input":"hi"}`); resp.StatusCode != 200 {
+		t.Errorf("a new named session: %d %s; want room made from the automatic one", resp.StatusCode, body)
+	}
+}
+
+// TestInvalidUTF8: raw invalid UTF-8 in request text becomes U+FFFD on every path, so neither
+// the backend nor the session file sees it.
+func TestInvalidUTF8(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, textReply("resp_1", "ok"))
+	})
+	p := newProxy(t, fb)
+	for _, req := range []struct{ path, body string }{
+		{"/codex/u1/responses", "{\"model\":\"gpt-5.5\",\"input\":[{\"role\":\"user\",\"content\":\"bad \xff\xfe bytes\"}]}"},
+		{"/codex/u2/chat/completions", "{\"model\":\"gpt-5.5\",\"messages\":[{\"role\":\"user\",\"content\":\"bad \xff\xfe bytes\"}]}"},
+	} {
+		if resp, body := p.post(t, req.path, req.body); resp.StatusCode != 200 {
+			t.Fatalf("%s: %d %s", req.path, resp.StatusCode, body)
+		}
+		if in := jsonString(fb.bodies[len(fb.bodies)-1]["input"]); !strings.Contains(in, "bad \uFFFD") {
+			t.Errorf("%s upstream input %s; want U+FFFD", req.path, in)
+		}
+		file, _ := os.ReadFile(filepath.Join(p.cfg.home, "sessions", strings.Split(req.path, "/")[2]+".json"))
+		if !utf8.Valid(file) || !json.Valid(file) {
+			t.Errorf("%s: session file is not valid UTF-8 JSON:\n%q", req.path, file)
+		}
 	}
 }

@@ -66,6 +66,8 @@ type sessionData struct {
 	items     []json.RawMessage
 	responses map[string]int // response id → item count after that turn
 	latest    string
+	itemIDs   []string // ids of output items that item_reference may name (responses/ files)
+	outputAt  int      // where the latest turn's output begins: calls there may await outputs
 }
 
 // sessionFile is a session's file. Items come last so that encodeSession can
@@ -75,6 +77,7 @@ type sessionFile struct {
 	CreatedAt int64             `json:"created_at"`
 	Latest    string            `json:"latest_response_id"`
 	Responses map[string]int    `json:"responses"`
+	ItemIDs   []string          `json:"item_ids,omitempty"`
 	Items     []json.RawMessage `json:"items"`
 }
 
@@ -95,7 +98,7 @@ type sessionInfo struct {
 func newSessionStore(dir string, ttl time.Duration, maxSessions int, maxBytes int64, now func() time.Time) (*sessionStore, error) {
 	s := &sessionStore{
 		dir: dir, respDir: filepath.Join(dir, "responses"), ttl: ttl, maxSessions: maxSessions, maxBytes: maxBytes,
-		now: now, newID: func() string { return "fork-" + rand.Text() }, budget: loadedBudget, index: map[string]*session{},
+		now: now, newID: func() string { return autoPrefix + rand.Text() }, budget: loadedBudget, index: map[string]*session{},
 	}
 	if err := os.MkdirAll(s.respDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create session directory: %w", err)
@@ -170,17 +173,14 @@ func (s *sessionStore) acquire(ctx context.Context, id string) (*session, error)
 // latest response the session continues; otherwise (a branch) a new session is
 // forked whose transcript is the history up to and including that response.
 func (s *sessionStore) acquireResponse(ctx context.Context, respID string) (*session, error) {
-	if !validSessionID(respID) {
-		return nil, errResponseNotFound(respID)
-	}
-	b, err := os.ReadFile(filepath.Join(s.respDir, respID))
-	if errors.Is(err, fs.ErrNotExist) {
+	e, err := s.entry(respID)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && e.At != nil {
 		return nil, errResponseNotFound(respID)
 	} else if err != nil {
-		return nil, fmt.Errorf("read response index: %w", err)
+		return nil, err
 	}
 	s.mu.Lock()
-	ss, err := s.enterLocked(string(b), false)
+	ss, err := s.enterLocked(e.Session, false)
 	s.mu.Unlock()
 	if err != nil {
 		return nil, errResponseNotFound(respID)
@@ -208,6 +208,88 @@ func (s *sessionStore) acquireResponse(ctx context.Context, respID string) (*ses
 	// Snapshots are immutable, so the fork can share the items.
 	s.setDataLocked(fork, &sessionData{created: fork.data.created, items: d.items[:n:n], responses: map[string]int{}})
 	return fork, nil
+}
+
+// autoPrefix names the sessions ccproxy makes by itself: for a Responses request that named
+// none, and for the branches of previous_response_id. They are evicted before named ones.
+const autoPrefix = "auto-"
+
+// indexEntry is a file under responses/: the session of a stored response or output item,
+// and where it is. Files from before 2026-12 hold only the session id.
+type indexEntry struct {
+	Session  string          `json:"session"`
+	At       *int            `json:"at,omitempty"`       // an output item: its place in the transcript
+	Input    []int           `json:"input,omitempty"`    // a response: where its input items are
+	Response json.RawMessage `json:"response,omitempty"` // a response: the object the client got
+}
+
+// entry reads the index file of a response or item id: fs.ErrNotExist when there is none.
+func (s *sessionStore) entry(id string) (indexEntry, error) {
+	var e indexEntry
+	if !validSessionID(id) {
+		return e, fs.ErrNotExist
+	}
+	b, err := os.ReadFile(filepath.Join(s.respDir, id))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return e, err
+	case err != nil:
+		return e, fmt.Errorf("read response index: %w", err)
+	case len(b) > 0 && b[0] == '{':
+		err = json.Unmarshal(b, &e)
+	default:
+		e.Session = string(b)
+	}
+	return e, err
+}
+
+// stored returns a stored response's entry and its session's transcript, for GET
+// /codex/v1/responses/{id} and its input_items.
+func (s *sessionStore) stored(id string) (indexEntry, []json.RawMessage, error) {
+	e, err := s.entry(id)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && e.Response == nil {
+		err = &apiError{kind: errNotFound, code: "not_found", msg: fmt.Sprintf("Response with id '%s' not found.", id)}
+	}
+	var items []json.RawMessage
+	if err == nil {
+		_, items, err = s.get(e.Session)
+	}
+	if len(e.Input) == 2 && (e.Input[0] < 0 || e.Input[1] > len(items) || e.Input[0] > e.Input[1]) {
+		e.Input = nil // the session was replaced since
+	}
+	return e, items, err
+}
+
+// deleteResponse forgets a stored response: it can no longer be fetched or continued.
+func (s *sessionStore) deleteResponse(id string) error {
+	if _, _, err := s.stored(id); err != nil {
+		return err
+	}
+	return os.Remove(filepath.Join(s.respDir, id))
+}
+
+// expand replaces the item_reference items of a turn's input with the stored items they name,
+// encrypted reasoning included; an unknown id is OpenAI's 404.
+func (s *sessionStore) expand(items []json.RawMessage) ([]json.RawMessage, error) {
+	var out []json.RawMessage
+	for i, it := range items {
+		var ref struct{ Type, ID string }
+		if !bytes.Contains(it, []byte(`"item_reference"`)) || json.Unmarshal(it, &ref) != nil || ref.Type != "item_reference" {
+			out = append(out, it)
+			continue
+		}
+		e, err := s.entry(ref.ID)
+		var stored []json.RawMessage
+		if err == nil && e.At != nil {
+			_, stored, err = s.get(e.Session)
+		}
+		if err != nil || e.At == nil || *e.At >= len(stored) {
+			return nil, &apiError{kind: errNotFound, code: "item_not_found", param: fmt.Sprintf("input[%d]", i),
+				msg: fmt.Sprintf("Item with id '%s' not found.", ref.ID)}
+		}
+		out = append(out, stored[*e.At])
+	}
+	return out, nil
 }
 
 // liveLocked returns session id, or nil when there is none; an idle session
@@ -239,7 +321,11 @@ func (s *sessionStore) enterLocked(id string, create bool) (*session, error) {
 			return nil, errSessionNotFound()
 		}
 		for s.maxSessions > 0 && len(s.index) >= s.maxSessions {
-			oldest := s.oldestIdleLocked(false)
+			// Automatic sessions go first; a named one only ever makes room for another named one.
+			oldest := s.oldestIdleLocked(false, true)
+			if oldest == nil && !strings.HasPrefix(id, autoPrefix) {
+				oldest = s.oldestIdleLocked(false, false)
+			}
 			if oldest == nil {
 				return nil, &apiError{kind: errLimited, code: "too_many_sessions", msg: fmt.Sprintf("All %d sessions "+
 					"are busy; delete sessions with DELETE /codex/sessions/{id} or raise --max-sessions", s.maxSessions)}
@@ -259,12 +345,13 @@ func (s *sessionStore) enterLocked(id string, create bool) (*session, error) {
 	return ss, nil
 }
 
-// oldestIdleLocked returns the least recently used idle session (only among
-// those with a transcript in memory, with loaded), or nil.
-func (s *sessionStore) oldestIdleLocked(loaded bool) *session {
+// oldestIdleLocked returns the least recently used idle session (only among those with a
+// transcript in memory, with loaded, and only automatic ones, with auto), or nil.
+func (s *sessionStore) oldestIdleLocked(loaded, auto bool) *session {
 	var oldest *session
 	for _, c := range s.index {
-		if c.users == 0 && (!loaded || c.data != nil) && (oldest == nil || c.lastUsed.Before(oldest.lastUsed)) {
+		if c.users == 0 && (!loaded || c.data != nil) && (!auto || strings.HasPrefix(c.sid, autoPrefix)) &&
+			(oldest == nil || c.lastUsed.Before(oldest.lastUsed)) {
 			oldest = c
 		}
 	}
@@ -281,12 +368,11 @@ func (s *sessionStore) removeLocked(ss *session) error {
 		d, _ = readSession(path, ss.sid)
 	}
 	if d != nil {
-		for r := range d.responses {
+		for _, r := range slices.Concat(slices.Collect(maps.Keys(d.responses)), d.itemIDs) {
 			// A fork shares no index files, but a recreated session might;
 			// only drop entries that still point here.
-			rp := filepath.Join(s.respDir, r)
-			if b, err := os.ReadFile(rp); err == nil && string(b) == ss.sid {
-				os.Remove(rp)
+			if e, err := s.entry(r); err == nil && e.Session == ss.sid {
+				os.Remove(filepath.Join(s.respDir, r))
 			}
 		}
 	}
@@ -362,6 +448,7 @@ func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) 
 	if len(stored) == 0 || !hasPrefix(incoming, stored) {
 		out = slices.Concat(stored, incoming)
 	}
+	out = closeCalls(out, min(ss.data.outputAt, len(stored)))
 	if n := sizeOf(out); ss.st.maxBytes > 0 && n > ss.st.maxBytes {
 		return nil, &apiError{kind: errTooLarge, code: "session_too_large", msg: fmt.Sprintf("Session '%s' would "+
 			"grow to %d bytes, over the limit of %d; delete it with DELETE /codex/sessions/%s or start a new session",
@@ -374,11 +461,11 @@ func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) 
 // returned) + output, responseID maps to it; it is written to disk atomically
 // before commit returns. On error the previous transcript stays intact in
 // memory and on disk.
-func (ss *session) commit(sent, output []json.RawMessage, responseID string) error {
+func (ss *session) commit(sent, output []json.RawMessage, responseID string, object []byte, inputLen int) error {
 	if ss == nil {
 		return nil
 	}
-	if err := ss.save(sent, output, responseID); err != nil {
+	if err := ss.save(sent, output, responseID, object, inputLen); err != nil {
 		return &apiError{kind: errStorage, code: "session_not_saved", cause: err, msg: fmt.Sprintf("the answer "+
 			"could not be saved to session %q, which still holds the previous turns (%v); check the disk "+
 			"space and permissions of the sessions directory", ss.sid, err)}
@@ -386,30 +473,43 @@ func (ss *session) commit(sent, output []json.RawMessage, responseID string) err
 	return nil
 }
 
-// save writes the transcript of commit.
-func (ss *session) save(sent, output []json.RawMessage, responseID string) error {
+// save writes the transcript of commit, and the index files of the response (with the object
+// the client got, and where its input is) and of its output items. The index files go first,
+// unsynced: if one is lost or torn, a lookup only finds a session that does not list it, a
+// 404. If anything fails they are removed again, so a full disk leaves no debris.
+func (ss *session) save(sent, output []json.RawMessage, responseID string, object []byte, inputLen int) error {
 	s := ss.st
 	items := append(make([]json.RawMessage, 0, len(sent)+len(output)), sent...)
-	for _, it := range output {
-		items = append(items, stripID(it))
+	d := &sessionData{created: ss.data.created, responses: maps.Clone(ss.data.responses),
+		itemIDs: ss.data.itemIDs, outputAt: len(sent)}
+	var written []string
+	index := func(name string, e indexEntry) error {
+		written = append(written, filepath.Join(s.respDir, name))
+		return os.WriteFile(written[len(written)-1], marshal(e), 0o600)
 	}
-	d := &sessionData{created: ss.data.created, items: items, responses: maps.Clone(ss.data.responses)}
-	// A reply without a usable id (a sparse response.completed) is still
-	// saved; only previous_response_id cannot name it. The index file goes
-	// first and unsynced: if it is lost or torn, the lookup only finds a
-	// session that does not list the response, a 404.
-	rp := ""
-	if validSessionID(responseID) {
-		d.responses[responseID], d.latest = len(items), responseID
-		rp = filepath.Join(s.respDir, responseID)
-		if err := os.WriteFile(rp, []byte(ss.sid), 0o600); err != nil {
-			return fmt.Errorf("save session %s: %w", ss.sid, err)
+	var err error
+	for _, it := range output {
+		it, id := stripID(it)
+		at := len(items)
+		if items = append(items, it); err == nil && validSessionID(id) && id != responseID {
+			d.itemIDs = append(slices.Clip(d.itemIDs), id)
+			err = index(id, indexEntry{Session: ss.sid, At: &at})
 		}
 	}
+	// A reply without a usable id (a sparse response.completed) is still saved; only
+	// previous_response_id cannot name it.
+	if err == nil && validSessionID(responseID) {
+		d.responses[responseID], d.latest = len(items), responseID
+		err = index(responseID, indexEntry{Session: ss.sid, Input: []int{len(sent) - inputLen, len(sent)}, Response: object})
+	}
+	d.items = items
 	path := s.path(ss.sid)
-	if err := writeFileAtomic(path, encodeSession(ss.sid, d)); err != nil {
-		if rp != "" {
-			os.Remove(rp)
+	if err == nil {
+		err = writeFileAtomic(path, encodeSession(ss.sid, d))
+	}
+	if err != nil {
+		for _, p := range written {
+			os.Remove(p)
 		}
 		return fmt.Errorf("save session %s: %w", ss.sid, err)
 	}
@@ -453,7 +553,7 @@ func (ss *session) leave() {
 		s.setDataLocked(ss, nil)
 	}
 	for s.loadedSz > s.budget {
-		oldest := s.oldestIdleLocked(true)
+		oldest := s.oldestIdleLocked(true, false)
 		if oldest == nil {
 			return
 		}
@@ -563,7 +663,8 @@ func (s *sessionStore) delete(id string) error {
 // (decoded from a request, the upstream or a session file), and json.Marshal
 // would re-validate and compact every byte of a long transcript on every turn.
 func encodeSession(id string, d *sessionData) []byte {
-	h, _ := json.Marshal(sessionFile{ID: id, CreatedAt: d.created.Unix(), Latest: d.latest, Responses: d.responses})
+	h, _ := json.Marshal(sessionFile{ID: id, CreatedAt: d.created.Unix(), Latest: d.latest, Responses: d.responses,
+		ItemIDs: d.itemIDs})
 	b := append(bytes.TrimSuffix(h, []byte("null}")), '[') // Items is last and nil
 	b = slices.Grow(b, int(sizeOf(d.items))+2*len(d.items)+4)
 	for i, it := range d.items {
@@ -608,7 +709,11 @@ func parseSession(b []byte, id string) (*sessionData, error) {
 			return nil, fmt.Errorf("bad response entry %q: %d", r, n)
 		}
 	}
-	return &sessionData{created: time.Unix(f.CreatedAt, 0), items: f.Items, responses: f.Responses, latest: f.Latest}, nil
+	if i := slices.IndexFunc(f.ItemIDs, func(id string) bool { return !validSessionID(id) }); i >= 0 {
+		return nil, fmt.Errorf("bad item id %q", f.ItemIDs[i])
+	}
+	return &sessionData{created: time.Unix(f.CreatedAt, 0), items: f.Items, responses: f.Responses, latest: f.Latest,
+		itemIDs: f.ItemIDs}, nil
 }
 
 // sizeOf is a transcript's size as counted against maxBytes.
@@ -620,17 +725,16 @@ func sizeOf(items []json.RawMessage) int64 {
 	return n
 }
 
-// stripID drops an output item's "id": with store=false the backend rejects
-// references to items it issued (codex-backend §3.4). Everything else stays,
-// encrypted_content and call_id included.
-func stripID(item json.RawMessage) json.RawMessage {
+// stripID drops an output item's "id" and returns it: with store=false the backend rejects
+// references to items it issued. Everything else stays, encrypted_content and call_id included.
+func stripID(item json.RawMessage) (json.RawMessage, string) {
 	var m map[string]json.RawMessage
-	if json.Unmarshal(item, &m) != nil || m["id"] == nil {
-		return item
+	var id string
+	if json.Unmarshal(item, &m) != nil || json.Unmarshal(m["id"], &id) != nil {
+		return item, ""
 	}
 	delete(m, "id")
-	b, _ := json.Marshal(m) // cannot fail: the values were just decoded
-	return b
+	return marshal(m), id
 }
 
 // hasPrefix reports whether incoming starts with stored, compared by

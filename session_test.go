@@ -77,7 +77,7 @@ func sessionTurn(t testing.TB, s *sessionStore, id string, incoming, output []js
 	if err != nil {
 		t.Fatalf("input: %v", err)
 	}
-	if err := ss.commit(sent, output, respID); err != nil {
+	if err := ss.commit(sent, output, respID, nil, 0); err != nil {
 		t.Fatalf("commit: %v", err)
 	}
 	return sent
@@ -183,7 +183,7 @@ func TestStripID(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := string(stripID(json.RawMessage(tc.in))); got != tc.want {
+			if got := string(stripped(json.RawMessage(tc.in))); got != tc.want {
 				t.Errorf("stripID(%s) = %s; want %s", tc.in, got, tc.want)
 			}
 		})
@@ -375,7 +375,7 @@ func TestSessionSerialized(t *testing.T) {
 	}
 	turnOut := []json.RawMessage{assistantMsg("m", "first")}
 	sent, _ := other.input([]json.RawMessage{userMsg("two")})
-	if err := other.commit(sent, turnOut, "resp_two"); err != nil {
+	if err := other.commit(sent, turnOut, "resp_two", nil, 0); err != nil {
 		t.Fatal(err)
 	}
 	other.release()
@@ -386,7 +386,7 @@ func TestSessionSerialized(t *testing.T) {
 	default:
 	}
 	sent, _ = first.input([]json.RawMessage{userMsg("a")})
-	if err := first.commit(sent, turnOut, "resp_a"); err != nil {
+	if err := first.commit(sent, turnOut, "resp_a", nil, 0); err != nil {
 		t.Fatal(err)
 	}
 	first.release()
@@ -569,7 +569,7 @@ func TestSessionCommitFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	sent, _ := ss.input([]json.RawMessage{userMsg("two")})
-	if err := ss.commit(sent, []json.RawMessage{assistantMsg("m", "x")}, "resp_2"); err == nil {
+	if err := ss.commit(sent, []json.RawMessage{assistantMsg("m", "x")}, "resp_2", nil, 0); err == nil {
 		t.Fatal("commit into a read-only directory succeeded")
 	}
 	if got, want := peek(t, ss, userMsg("three")), "user:one | user:three"; got != want {
@@ -612,7 +612,7 @@ func TestSessionPreviousResponse(t *testing.T) {
 		if got, want := texts(sent), "user:q1 | assistant:a1 | user:q2b"; got != want {
 			t.Errorf("fork input = %s; want %s", got, want)
 		}
-		if err := ss.commit(sent, []json.RawMessage{assistantMsg("m", "a2b")}, "resp_2b"); err != nil {
+		if err := ss.commit(sent, []json.RawMessage{assistantMsg("m", "a2b")}, "resp_2b", nil, 0); err != nil {
 			t.Fatal(err)
 		}
 		fork := ss.id()
@@ -664,7 +664,7 @@ func TestSessionListGetDelete(t *testing.T) {
 	}
 	want := []sessionInfo{
 		{ID: "y", Object: "session", CreatedAt: clock.now().Unix(), LastUsedAt: clock.now().Unix(), ExpiresAt: clock.now().Add(24 * time.Hour).Unix(), Items: 1, Bytes: int64(len(userMsg("3"))), Responses: 1},
-		{ID: "x", Object: "session", CreatedAt: clock.now().Add(-time.Minute).Unix(), LastUsedAt: clock.now().Add(-time.Minute).Unix(), ExpiresAt: clock.now().Add(24*time.Hour - time.Minute).Unix(), Items: 2, Bytes: int64(len(userMsg("1")) + len(stripID(assistantMsg("m", "2")))), Responses: 1},
+		{ID: "x", Object: "session", CreatedAt: clock.now().Add(-time.Minute).Unix(), LastUsedAt: clock.now().Add(-time.Minute).Unix(), ExpiresAt: clock.now().Add(24*time.Hour - time.Minute).Unix(), Items: 2, Bytes: int64(len(userMsg("1")) + len(stripped(assistantMsg("m", "2")))), Responses: 1},
 	}
 	if fmt.Sprint(infos) != fmt.Sprint(want) {
 		t.Errorf("list() = %+v; want %+v", infos, want)
@@ -785,7 +785,7 @@ func BenchmarkSessionTurn(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if err := ss.commit(sent, next[1:], fmt.Sprint("resp_", i)); err != nil {
+				if err := ss.commit(sent, next[1:], fmt.Sprint("resp_", i), nil, 0); err != nil {
 					b.Fatal(err)
 				}
 				ss.release()
@@ -846,7 +846,7 @@ func TestSessionCommitFailureBlocked(t *testing.T) {
 	}
 	defer ss.release()
 	sent, _ := ss.input([]json.RawMessage{userMsg("two")})
-	if err := ss.commit(sent, nil, "resp_2"); err == nil {
+	if err := ss.commit(sent, nil, "resp_2", nil, 0); err == nil {
 		t.Fatal("commit succeeded with its index path blocked")
 	}
 	if got, want := peek(t, ss), "user:one"; got != want {
@@ -895,7 +895,7 @@ func TestSessionFileLayouts(t *testing.T) {
 // survives a round trip through encodeSession unchanged.
 func FuzzSessionFile(f *testing.F) {
 	valid := encodeSession("h", &sessionData{created: time.Unix(1_800_000_000, 0),
-		items:     []json.RawMessage{userMsg("hi"), reasoningItem("rs_1"), stripID(assistantMsg("m", "hello"))},
+		items:     []json.RawMessage{userMsg("hi"), reasoningItem("rs_1"), stripped(assistantMsg("m", "hello"))},
 		responses: map[string]int{"resp_1": 1, "resp_2": 3}, latest: "resp_2"})
 	f.Add(valid)
 	f.Add(valid[:len(valid)/2]) // torn
@@ -938,4 +938,79 @@ func TestSessionTurnWithoutResponseID(t *testing.T) {
 	if sent, _ := ss.input(nil); len(sent) != 2 {
 		t.Errorf("history behind resp_1 has %d items; want 2", len(sent))
 	}
+}
+
+// stripped is an item as a session stores it.
+func stripped(item json.RawMessage) json.RawMessage {
+	b, _ := stripID(item)
+	return b
+}
+
+// TestSessionCommitLeavesNoDebris: a commit that fails after writing its index files removes
+// them again.
+func TestSessionCommitLeavesNoDebris(t *testing.T) {
+	dir := t.TempDir()
+	s := newTestSessionStore(t, dir, newFakeClock(), 10, 0)
+	ss, err := s.acquire(context.Background(), "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ss.release()
+	// The session file cannot be written: a directory stands where it goes.
+	if err := os.MkdirAll(filepath.Join(dir, "d.json", "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sent, _ := ss.input([]json.RawMessage{userMsg("hi")})
+	if err := ss.commit(sent, []json.RawMessage{reasoningItem("rs_1"), assistantMsg("msg_1", "hello")}, "resp_1", []byte(`{}`), 1); err == nil {
+		t.Fatal("commit succeeded")
+	}
+	if left, _ := os.ReadDir(filepath.Join(dir, "responses")); len(left) != 0 {
+		t.Errorf("index files left behind: %v", left)
+	}
+}
+
+// BenchmarkExpand measures what a turn that refers to a 200-turn history costs before the
+// upstream call: an item_reference to its last reply, and a previous_response_id to it.
+//
+//	go test -run '^$' -bench Expand -benchmem
+func BenchmarkExpand(b *testing.B) {
+	dir := b.TempDir()
+	clock := newFakeClock()
+	s := newTestSessionStore(b, dir, clock, 10, 0)
+	items := benchItems(200)
+	ss, _ := s.acquire(context.Background(), "h")
+	sent, _ := ss.input(items[:len(items)-1])
+	if err := ss.commit(sent, []json.RawMessage{assistantMsg("msg_last", "last")}, "resp_last", []byte(`{}`), len(sent)); err != nil {
+		b.Fatal(err)
+	}
+	ss.release()
+	b.Run("item_reference", func(b *testing.B) {
+		in := []json.RawMessage{js(`{"type":"item_reference","id":"msg_last"}`), userMsg("next")}
+		for b.Loop() {
+			if out, err := s.expand(in); err != nil || len(out) != 2 {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("item_reference, after a restart", func(b *testing.B) {
+		in := []json.RawMessage{js(`{"type":"item_reference","id":"msg_last"}`), userMsg("next")}
+		for b.Loop() {
+			cold := newTestSessionStore(b, dir, clock, 10, 0)
+			if _, err := cold.expand(in); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("previous_response_id", func(b *testing.B) {
+		for b.Loop() {
+			ss, err := s.acquireResponse(context.Background(), "resp_last")
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := ss.input([]json.RawMessage{userMsg("next")}); err != nil {
+				b.Fatal(err)
+			}
+			ss.release()
+		}
+	})
 }

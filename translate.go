@@ -56,6 +56,7 @@ type call struct {
 	jsonMode     bool     // chat: response_format asks for JSON, so never reasoning tags
 	ignored      []string // members not sent upstream, sorted (X-Ccproxy-Ignored-Params)
 	previousID   string   // previous_response_id: the session store expands it
+	store        *bool    // store: false means the answer is not kept (unless in a named session)
 
 	model        string
 	input        []json.RawMessage
@@ -115,7 +116,7 @@ var chatParams = []string{"model", "messages", "stream", "stream_options", "tool
 // responsesParams are the Responses members parseResponses keeps or consumes.
 var responsesParams = []string{"model", "input", "instructions", "tools", "tool_choice",
 	"parallel_tool_calls", "reasoning", "text", "include", "prompt_cache_key", "client_metadata",
-	"stream", "previous_response_id", "service_tier"}
+	"stream", "previous_response_id", "service_tier", "store"}
 
 // decodeBody decodes a request body, which must be a JSON object, into v. It returns the
 // non-null members outside known, sorted: they are not sent upstream, because the backend
@@ -560,6 +561,7 @@ type responsesRequest struct {
 	Stream             bool              `json:"stream"`
 	PreviousResponseID string            `json:"previous_response_id"`
 	ServiceTier        string            `json:"service_tier"`
+	Store              *bool             `json:"store"`
 }
 
 // parseResponses normalizes a native Responses body: members the backend takes pass through,
@@ -580,7 +582,7 @@ func parseResponses(body []byte) (*call, error) {
 	}
 	// Tools of every type (function, custom, namespace, web_search…) are the client's business.
 	c.tools, c.instructions, c.parallel, c.cacheKey = r.Tools, r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
-	c.stream, c.previousID = r.Stream, r.PreviousResponseID
+	c.stream, c.previousID, c.store = r.Stream, r.PreviousResponseID, r.Store
 	if err := c.responsesInput(json.RawMessage(r.Input)); err != nil {
 		return nil, err
 	}
@@ -614,8 +616,7 @@ func parseResponses(body []byte) (*call, error) {
 
 // responsesInput takes input (a string or items) as normalized items. The tools of a leading
 // additional_tools item (the Lite shape) join the call's tools: buildRequest puts them where
-// the model wants them. item_reference items point at stored items, and nothing is stored with
-// store=false, so they are dropped and reported.
+// the model wants them. item_reference items stay: the session store expands them.
 func (c *call) responsesInput(raw json.RawMessage) error {
 	var s string
 	var items []rawJSON
@@ -637,8 +638,6 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 		switch typ := string(o["type"]); {
 		case err != nil:
 			return invalid("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
-		case typ == `"item_reference"`:
-			c.ignore("input.item_reference")
 		case typ == `"additional_tools"`:
 			var tools []json.RawMessage
 			json.Unmarshal(o["tools"], &tools)
@@ -661,7 +660,9 @@ func (c *call) normalizeItem(item json.RawMessage, param string) (object, error)
 	if err := json.Unmarshal(item, &o); err != nil || o == nil {
 		return nil, errors.New("not an object")
 	}
-	delete(o, "id")
+	if string(o["type"]) != `"item_reference"` { // its id is what it names
+		delete(o, "id")
+	}
 	if r, ok := o["role"]; ok {
 		if string(r) == `"system"` {
 			o["role"] = json.RawMessage(`"developer"`)
@@ -685,6 +686,41 @@ func (c *call) normalizeItem(item json.RawMessage, param string) (object, error)
 	}
 	o["content"] = marshal(parts)
 	return o, nil
+}
+
+// closeCalls answers every call from items[from:] that has no output with an "aborted" one,
+// right after it, as the Codex CLI does after an interrupted turn (codex-rs/core/src/
+// context_manager/normalize.rs, ensure_call_outputs_present): a turn that ended in tool calls
+// the client never answered would otherwise make the backend refuse every later request.
+func closeCalls(items []json.RawMessage, from int) []json.RawMessage {
+	type item struct {
+		Type   string `json:"type"`
+		CallID string `json:"call_id"`
+	}
+	var calls []int
+	answered := map[string]bool{}
+	for i, raw := range items[from:] {
+		var it item
+		if !bytes.Contains(raw, []byte(`"call_id"`)) || json.Unmarshal(raw, &it) != nil {
+			continue
+		}
+		if strings.HasSuffix(it.Type, "_output") {
+			answered[it.CallID] = true
+		} else {
+			calls = append(calls, from+i)
+		}
+	}
+	for j := len(calls) - 1; j >= 0; j-- {
+		var it item
+		json.Unmarshal(items[calls[j]], &it)
+		if kind := "function_call_output"; !answered[it.CallID] {
+			if it.Type == "custom_tool_call" {
+				kind = "custom_tool_call_output"
+			}
+			items = slices.Insert(slices.Clip(items), calls[j]+1, marshal(callOutput{kind, it.CallID, "aborted"}))
+		}
+	}
+	return items
 }
 
 // upstreamBody is the body of POST {upstream}/responses, in the Codex CLI's member order
@@ -1403,9 +1439,11 @@ func appendEscaped(dst []byte, s string) []byte {
 	return append(dst, s[start:]...)
 }
 
-// responseObject is the Responses API object of a finished turn, for clients that do not
-// stream: the terminal response with the turn's items as "output", and "output_text".
-func responseObject(t *turn) []byte {
+// responseObject is the Responses API object of a finished turn: the terminal response with
+// the turn's items as "output" and "output_text", and, for the call c when there is one, what
+// the OpenAI API echoes of the request, which the backend does not see (previous_response_id
+// and store) or sees otherwise (instructions, tools).
+func responseObject(t *turn, c *call) []byte {
 	var o object
 	if json.Unmarshal(t.response, &o) != nil || o == nil {
 		o = object{"object": json.RawMessage(`"response"`)}
@@ -1420,7 +1458,17 @@ func responseObject(t *turn) []byte {
 	if items == nil {
 		items = []json.RawMessage{}
 	}
-	o["output"] = marshal(items)
-	o["output_text"] = marshal(text.String())
+	o["output"], o["output_text"] = marshal(items), marshal(text.String())
+	if c != nil {
+		o["previous_response_id"], o["store"] = json.RawMessage("null"), marshal(c.store == nil || *c.store)
+		if c.previousID != "" {
+			o["previous_response_id"] = marshal(c.previousID)
+		}
+		o["instructions"], o["tools"], o["tool_choice"] = marshal(c.instructions), json.RawMessage("[]"), c.toolChoice
+		if c.tools != nil {
+			o["tools"] = marshal(c.tools)
+		}
+		o["parallel_tool_calls"] = marshal(c.parallel == nil || *c.parallel)
+	}
 	return marshal(o)
 }
