@@ -132,6 +132,42 @@ func errorObject(err error) map[string]any {
 	return map[string]any{"message": err.Error(), "type": e.typ, "param": orNull(e.param), "code": orNull(e.code)}
 }
 
+// anthropicTypes are the Anthropic error types by status; any other is api_error. An overload
+// keeps its 503: ccproxy never invents Anthropic's 529.
+var anthropicTypes = map[int]string{400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+	404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+	503: "overloaded_error"}
+
+// errorBody is the error body of each API: OpenAI's shape, or Anthropic's.
+func errorBody(api int, err error) map[string]any {
+	if api != apiMessages {
+		return map[string]any{"error": errorObject(err)}
+	}
+	return map[string]any{"type": "error", "error": map[string]any{"message": err.Error(),
+		"type": cmp.Or(anthropicTypes[describe(err).status], "api_error")}}
+}
+
+// errorEvent is the final event of a stream that failed after it began: it carries an error
+// object and is never followed by a clean end.
+func errorEvent(api int, err error) (string, []byte) {
+	switch api {
+	case apiChat:
+		return "", marshal(errorBody(api, err))
+	case apiMessages:
+		return "error", marshal(errorBody(api, err))
+	}
+	e := errorObject(err) // the Responses stream's error event, with the error object beside it
+	return "error", marshal(map[string]any{"type": "error", "code": e["code"], "message": e["message"], "error": e})
+}
+
+// apiOf is the API a path speaks, for errors answered before a call is parsed.
+func apiOf(r *http.Request) int {
+	if strings.Contains(r.URL.Path, "/messages") {
+		return apiMessages
+	}
+	return apiResponses
+}
+
 // writeError is the one place errors become responses. A client that went away gets nothing,
 // and its leaving is logged as its doing, not as a failure.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
@@ -149,7 +185,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	maps.Copy(w.Header(), e.header)
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(e.status)
-	w.Write(marshal(map[string]any{"error": errorObject(err)}))
+	w.Write(marshal(errorBody(apiOf(r), err)))
 }
 
 // clientGone reports whether err comes from the client going away, and if so notes it: it is
@@ -192,11 +228,14 @@ func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessio
 		})
 	}
 	b := &bodies{max: cfg.maxInflight, idle: cfg.bodyTimeout}
-	turn := codex(handleTurn(sessions, up, p, b, cfg.reasoning, cfg.keepalive))
+	turn := codex(handleTurn(sessions, up, p, b, cfg))
 	for _, path := range []string{"/codex", "/codex/v1", "/codex/{session_id}"} {
 		mux.Handle("POST "+path+"/chat/completions", turn)
 		mux.Handle("POST "+path+"/responses", turn)
+		mux.Handle("POST "+path+"/messages", turn)
 	}
+	mux.Handle("POST /codex/messages/count_tokens", codex(handleCountTokens(b, cfg.claude)))
+	mux.Handle("POST /codex/v1/messages/count_tokens", codex(handleCountTokens(b, cfg.claude)))
 	mux.Handle("GET /codex/models", codex(handleModels(models)))
 	mux.Handle("GET /codex/v1/models", codex(handleModels(models)))
 	for _, path := range []string{"/codex/responses/{id}", "/codex/v1/responses/{id}"} {
@@ -372,10 +411,9 @@ func handleHealth(auth *authStore) http.Handler {
 // the body into a call, check it against the model's catalog entry, open its session, send the
 // one upstream request, read the backend's stream into a turn while the renderer writes it,
 // save the turn, end the answer.
-func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, mode reasoningMode,
-	keepalive time.Duration) http.Handler {
+func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, cfg config) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, release, err := readCall(w, r, b)
+		c, release, err := readCall(w, r, b, cfg.claude)
 		defer release()
 		if err != nil {
 			writeError(w, r, err)
@@ -408,11 +446,11 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, mod
 		if len(c.ignored) > 0 {
 			w.Header().Set("X-Ccproxy-Ignored-Params", strings.Join(c.ignored, ", "))
 		}
-		out := newRenderer(w, r, c, mode, keepalive)
+		out := newRenderer(w, r, c, cfg.reasoning, cfg.keepalive)
 		var t turn
 		err = exchange(r.Context(), up, p, c, input, m, sid, &t, out, w.Header())
 		var object []byte // the Responses object, kept and sent
-		if err == nil && !c.chat {
+		if err == nil && c.api == apiResponses {
 			object = responseObject(&t, c)
 		}
 		if err == nil {
@@ -454,7 +492,7 @@ func exchange(ctx context.Context, up *upstream, p *prompts, c *call, input []js
 // readCall reads a chat or Responses body into a call. A body with "messages" is a chat
 // request on either path. Invalid UTF-8, which can only be inside strings, becomes U+FFFD,
 // as encoding/json decodes it: one rule for every API, and no raw bytes upstream or on disk.
-func readCall(w http.ResponseWriter, r *http.Request, b *bodies) (*call, func(), error) {
+func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeModels) (*call, func(), error) {
 	body, release, err := b.read(w, r)
 	if err != nil {
 		return nil, release, err
@@ -471,9 +509,12 @@ func readCall(w http.ResponseWriter, r *http.Request, b *bodies) (*call, func(),
 		ri.logger.Debug("request body", "body", redact(body))
 	}
 	var c *call
-	if strings.HasSuffix(r.URL.Path, "/chat/completions") {
+	switch {
+	case strings.HasSuffix(r.URL.Path, "/chat/completions"):
 		c, err = parseChat(body)
-	} else {
+	case strings.Contains(r.URL.Path, "/messages"):
+		c, err = parseMessages(body, claude)
+	default:
 		c, err = parseResponses(body)
 	}
 	if err != nil {
@@ -510,7 +551,7 @@ func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, st
 		return sess, sess.id(), keep, nil
 	}
 	switch {
-	case id == "" && c.chat:
+	case id == "" && c.api != apiResponses:
 		return nil, conversationID(c, r), false, nil
 	case !keep:
 		return nil, newUUID(), false, nil
@@ -656,18 +697,25 @@ type renderer interface {
 	fail(err error)             // the turn failed, or could not be saved
 }
 
-// newRenderer picks the output for the call: a JSON answer, chat chunks, or the backend's own
-// events for a native Responses stream.
+// newRenderer picks the renderer for the call: a JSON answer, or a stream of chat chunks, of
+// Anthropic events, or of the backend's own events for a native Responses client.
 func newRenderer(w http.ResponseWriter, r *http.Request, c *call, mode reasoningMode,
 	keepalive time.Duration) renderer {
-	id, created := "chatcmpl-"+info(r).id, time.Now().Unix()
+	id, created := info(r).id, time.Now().Unix()
 	if !c.stream {
 		return &jsonRenderer{w: w, r: r, c: c, id: id, created: created, mode: mode}
 	}
-	o := &streamRenderer{sw: newSSEWriter(w, keepalive), r: r}
-	if c.chat {
-		o.chat = newChatStream(id, created, c.model, mode, c.jsonMode, func(b []byte) { o.sw.event("", b) })
-		o.includeUsage = c.includeUsage
+	o := &streamRenderer{sw: newSSEWriter(w, keepalive), r: r, api: c.api}
+	switch c.api {
+	case apiChat:
+		cs := newChatStream("chatcmpl-"+id, created, c.model, mode, c.jsonMode, func(b []byte) { o.sw.event("", b) })
+		o.pieces, o.finish = cs.piece, func(t *turn) {
+			cs.finish(t, c.includeUsage)
+			o.sw.event("", []byte("[DONE]"))
+		}
+	case apiMessages: // Anthropic clients expect ping events during silence
+		as := &anthropicStream{id: "msg_" + id, model: c.clientModel, emit: o.sw.event}
+		o.pieces, o.finish, o.sw.ping = as.piece, as.finish, []byte("event: ping\ndata: {\"type\":\"ping\"}\n\n")
 	}
 	return o
 }
@@ -688,8 +736,11 @@ func (o *jsonRenderer) flush()         {}
 func (o *jsonRenderer) fail(err error) { writeError(o.w, o.r, err) }
 func (o *jsonRenderer) end(t *turn, object []byte) {
 	b := object
-	if o.c.chat {
-		b = chatCompletion(t, o.id, o.created, o.c.model, o.mode, o.c.jsonMode)
+	switch o.c.api {
+	case apiChat:
+		b = chatCompletion(t, "chatcmpl-"+o.id, o.created, o.c.model, o.mode, o.c.jsonMode)
+	case apiMessages:
+		b = anthropicMessage(t, "msg_"+o.id, o.c.clientModel)
 	}
 	if ri := info(o.r); ri.logger.Enabled(o.r.Context(), slog.LevelDebug) {
 		ri.logger.Debug("response body", "body", redact(b))
@@ -697,28 +748,29 @@ func (o *jsonRenderer) end(t *turn, object []byte) {
 	writeJSON(o.w, b)
 }
 
-// streamRenderer streams chat chunks, or relays the backend's events to a native client. The
-// terminal event is held back until the turn is saved, so a failed save still ends the stream
-// with an error and never with a clean end.
+// streamRenderer streams chat chunks or Anthropic events as the reply grows, or relays the
+// backend's events to a native client. The closing events wait until the turn is saved, so a
+// failed save still ends the stream with an error and never with a clean end.
 type streamRenderer struct {
-	sw           *sseWriter
-	r            *http.Request
-	chat         *chatStream // nil: relay the backend's events
-	includeUsage bool
-	held         []byte // the terminal event, as the backend sent it
-	heldName     string
-	relayedFail  bool // the native client already has the backend's failure event
+	sw          *sseWriter
+	r           *http.Request
+	api         int
+	pieces      func(*piece)  // the reply as it grows; nil: relay the backend's events
+	finish      func(t *turn) // the closing events; nil: the backend's terminal event
+	held        []byte        // the terminal event, as the backend sent it
+	heldName    string
+	relayedFail bool // the native client already has the backend's failure event
 }
 
 func (o *streamRenderer) piece(p *piece) {
-	if o.chat != nil {
-		o.chat.piece(p)
+	if o.pieces != nil {
+		o.pieces(p)
 	}
 }
 
 func (o *streamRenderer) event(ev *event) {
 	switch {
-	case o.chat != nil:
+	case o.pieces != nil:
 	case ev.typ == "response.completed" || ev.typ == "response.done" || ev.typ == "response.incomplete":
 		o.held, o.heldName = bytes.Clone(ev.data), ev.typ
 	default:
@@ -730,9 +782,8 @@ func (o *streamRenderer) event(ev *event) {
 func (o *streamRenderer) flush() { o.sw.flush() }
 
 func (o *streamRenderer) end(t *turn, obj []byte) {
-	if o.chat != nil {
-		o.chat.finish(t, o.includeUsage)
-		o.sw.event("", []byte("[DONE]"))
+	if o.finish != nil {
+		o.finish(t)
 	} else { // the backend's terminal event, with the object the client would get without a stream
 		var ev object
 		json.Unmarshal(o.held, &ev)
@@ -743,9 +794,8 @@ func (o *streamRenderer) end(t *turn, obj []byte) {
 	o.sw.close()
 }
 
-// fail ends the stream with an error event that carries an "error" object (the OpenAI SDKs
-// raise it) and never with [DONE] or response.completed. Before the stream began the error is
-// an ordinary HTTP error.
+// fail ends the stream with an error event, which the SDKs raise, and never with a clean end.
+// Before the stream began the error is an ordinary HTTP error.
 func (o *streamRenderer) fail(err error) {
 	if !o.sw.close() {
 		writeError(o.sw.w, o.r, err)
@@ -755,12 +805,7 @@ func (o *streamRenderer) fail(err error) {
 		return
 	}
 	info(o.r).err = err.Error()
-	if o.chat != nil {
-		o.sw.event("", marshal(map[string]any{"error": errorObject(err)}))
-	} else {
-		e := errorObject(err)
-		o.sw.event("error", marshal(map[string]any{"type": "error", "code": e["code"], "message": e["message"], "error": e}))
-	}
+	o.sw.event(errorEvent(o.api, err))
 	o.sw.flush()
 }
 
@@ -849,6 +894,20 @@ func handleModels(models *catalog) http.Handler {
 			}
 		}
 		writeJSON(w, map[string]any{"object": "list", "data": data})
+	})
+}
+
+// handleCountTokens answers the Anthropic token count with an estimate: a quarter of the bytes
+// of the translated input and tools, about four bytes a token for English text and JSON.
+func handleCountTokens(b *bodies, claude claudeModels) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, release, err := readCall(w, r, b, claude)
+		defer release()
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		writeJSON(w, map[string]int64{"input_tokens": (sizeOf(c.input) + sizeOf(c.tools) + 3) / 4})
 	})
 }
 

@@ -292,7 +292,7 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	cfg := config{host: "127.0.0.1", upstreamURL: fb.URL, authURL: "http://127.0.0.1:1", reasoning: reasoningTags,
 		instructions: instructions{mode: "auto"}, sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
 		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour,
-		maxInflight: 4 * maxBodyBytes, bodyTimeout: time.Minute,
+		maxInflight: 4 * maxBodyBytes, bodyTimeout: time.Minute, claude: claudeModels{"opus": "gpt-6.1-sol", "sonnet": "gpt-6-sol", "haiku": "gpt-6-luna"},
 		logLevel: slog.LevelDebug} // debug: tests check that not even debug lines carry secrets
 	for _, o := range opts {
 		o(&cfg)
@@ -2199,5 +2199,119 @@ func TestInvalidUTF8(t *testing.T) {
 		if !utf8.Valid(file) || !json.Valid(file) {
 			t.Errorf("%s: session file is not valid UTF-8 JSON:\n%q", req.path, file)
 		}
+	}
+}
+
+// thinkingReply is a turn with a streamed reasoning summary, then text.
+func thinkingReply(respID, thought, text string) []string {
+	rs := map[string]any{"id": "rs_1", "type": "reasoning", "summary": []any{map[string]any{"type": "summary_text", "text": thought}},
+		"encrypted_content": "gAAAA-" + respID}
+	msg := map[string]any{"id": "msg_1", "type": "message", "role": "assistant", "content": []any{map[string]any{"type": "output_text", "text": text}}}
+	return []string{
+		sse("response.created", map[string]any{"response": map[string]any{"id": respID}}),
+		sse("response.output_item.added", map[string]any{"output_index": 0, "item": map[string]any{"id": "rs_1", "type": "reasoning"}}),
+		sse("response.reasoning_summary_text.delta", map[string]any{"item_id": "rs_1", "output_index": 0, "summary_index": 0, "delta": thought}),
+		sse("response.output_item.done", map[string]any{"output_index": 0, "item": rs}),
+		sse("response.output_text.delta", map[string]any{"item_id": "msg_1", "output_index": 1, "delta": text}),
+		sse("response.output_item.done", map[string]any{"output_index": 1, "item": msg}),
+		sse("response.completed", map[string]any{"response": map[string]any{"id": respID, "status": "completed", "output": []any{rs, msg},
+			"usage": map[string]any{"input_tokens": 100, "input_tokens_details": map[string]any{"cached_tokens": 60}, "output_tokens": 7}}}),
+	}
+}
+
+// anthropicEvents reads an Anthropic stream: the name and data of each event.
+func anthropicEvents(t *testing.T, body string) (names []string, data []map[string]any) {
+	rd := newSSEReader(strings.NewReader(body))
+	for {
+		name, d, err := rd.next()
+		if err != nil {
+			return names, data
+		}
+		names = append(names, string(name))
+		data = append(data, decode(t, string(d)))
+	}
+}
+
+// TestAnthropicMessages drives the Messages API as Claude Code does: a streamed turn with
+// thinking, a tool use and its result, the same turn without a stream, and the errors.
+func TestAnthropicMessages(t *testing.T) {
+	n := 0
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		switch n++; n {
+		case 1:
+			writeEvents(w, thinkingReply("resp_1", "The user greets.", "Hello!"))
+		case 2:
+			writeEvents(w, callReply("resp_2"))
+		default:
+			writeEvents(w, textReply("resp_3", "It is 18C."))
+		}
+	})
+	p := newProxy(t, fb, func(c *config) { c.apiKey = "K" })
+	post := func(body string) (*http.Response, string) {
+		return p.post(t, "/codex/v1/messages?beta=true", body, "x-api-key", "K", "anthropic-version", "2023-06-01")
+	}
+	tools := `"tools":[{"name":"get_weather","description":"Weather","input_schema":{"type":"object","properties":{"city":{"type":"string"}}}}]`
+	resp, body := post(`{"model":"claude-sonnet-4-5-20250929","max_tokens":32000,"stream":true,"thinking":{"type":"enabled","budget_tokens":4000},` +
+		tools + `,"messages":[{"role":"user","content":"hi"}]}`)
+	names, data := anthropicEvents(t, body)
+	want := "message_start content_block_start content_block_delta content_block_delta content_block_stop content_block_start content_block_delta content_block_stop message_delta message_stop"
+	if resp.StatusCode != 200 || strings.Join(names, " ") != want {
+		t.Fatalf("stream %d:\n%s\nwant events %s", resp.StatusCode, body, want)
+	}
+	if jsonPath(data[0], "message", "model") != "claude-sonnet-4-5-20250929" || jsonPath(data[3], "delta", "signature") != "gAAAA-resp_1" ||
+		jsonPath(data[8], "usage", "cache_read_input_tokens") != 60.0 || jsonPath(data[8], "usage", "input_tokens") != 40.0 {
+		t.Errorf("stream events %v; want the model echoed, the signature and the usage", data)
+	}
+	if up := fb.bodies[0]; up["model"] != "gpt-6-sol" || jsonPath(up, "reasoning", "effort") != "low" || fb.heads[0].Get("X-Openai-Internal-Codex-Responses-Lite") != "true" {
+		t.Errorf("upstream %v; want gpt-6-sol in the Lite shape with medium effort", up)
+	}
+	// The tool use, not streamed, and its result in the next turn (ids kept, is_error said).
+	_, body = post(`{"model":"claude-sonnet-4-5-20250929","max_tokens":100,` + tools + `,"messages":[{"role":"user","content":"weather?"}]}`)
+	if msg := decode(t, body); msg["stop_reason"] != "tool_use" || jsonPath(msg, "content", 0, "id") != "call_w" ||
+		jsonPath(msg, "content", 0, "input", "city") != "Paris" {
+		t.Errorf("tool use message %s; want the call with its input", body)
+	}
+	_, body = post(`{"model":"claude-sonnet-4-5-20250929","max_tokens":100,` + tools + `,"messages":[{"role":"user","content":"weather?"},
+		{"role":"assistant","content":[{"type":"tool_use","id":"call_w","name":"get_weather","input":{"city":"Paris"}}]},
+		{"role":"user","content":[{"type":"tool_result","tool_use_id":"call_w","content":"unreachable","is_error":true}]}]}`)
+	if in := jsonString(fb.bodies[2]["input"]); !strings.Contains(in, `"call_id":"call_w"`) || !strings.Contains(in, "Error: unreachable") ||
+		!strings.Contains(body, "It is 18C.") {
+		t.Errorf("tool result turn: upstream %s, answer %s", in, body)
+	}
+	resp, body = post(`{"model":"claude-sonnet-4-5-20250929","messages":[]}`)
+	if resp.StatusCode != 400 || decode(t, body)["type"] != "error" || jsonPath(decode(t, body), "error", "type") != "invalid_request_error" {
+		t.Errorf("bad request: %d %s; want a 400 in the Anthropic shape", resp.StatusCode, body)
+	}
+	resp, body = p.post(t, "/codex/v1/messages", `{}`, "x-api-key", "wrong")
+	if resp.StatusCode != 401 || jsonPath(decode(t, body), "error", "type") != "authentication_error" {
+		t.Errorf("wrong key: %d %s; want 401 authentication_error", resp.StatusCode, body)
+	}
+	resp, body = p.post(t, "/codex/v1/messages/count_tokens", `{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"hello there"}]}`, "x-api-key", "K")
+	if tokens, _ := decode(t, body)["input_tokens"].(float64); resp.StatusCode != 200 || tokens < 5 || tokens > 50 {
+		t.Errorf("count_tokens: %d %s; want an estimate", resp.StatusCode, body)
+	}
+}
+
+// TestAnthropicStreamFailure: a failure after the stream began ends it with an Anthropic error
+// event; one before it is an HTTP error; overload never becomes Anthropic's 529.
+func TestAnthropicStreamFailure(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		events []string
+		status int
+		want   string
+	}{
+		{"mid-stream", append(textReply("resp_1", "Hel")[:3], sse("response.failed", map[string]any{"response": map[string]any{
+			"error": map[string]any{"code": "server_error", "message": "boom"}}})), 200, `event: error`},
+		{"overloaded throughout", overloaded("server_is_overloaded", "busy"), 503, `"overloaded_error"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) { writeEvents(w, tc.events) })
+			p := newProxy(t, fb)
+			resp, body := p.post(t, "/codex/v1/messages", `{"model":"claude-haiku-4-5","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}`)
+			if resp.StatusCode != tc.status || !strings.Contains(body, tc.want) || strings.Contains(body, "message_stop") {
+				t.Errorf("%d:\n%s\nwant %d with %s and no message_stop", resp.StatusCode, body, tc.status, tc.want)
+			}
+		})
 	}
 }

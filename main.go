@@ -123,6 +123,8 @@ $CCPROXY_HOME/config.json (key = flag name), then from the default.
   --max-sessions N        CCPROXY_MAX_SESSIONS   sessions kept at most (default 1000)
   --max-session-bytes N   CCPROXY_MAX_SESSION_BYTES  transcript size cap (default 33554432)
   --max-connections N     CCPROXY_MAX_CONNECTIONS    connections served at once (default 1024)
+  --anthropic-models LIST CCPROXY_ANTHROPIC_MODELS   the Codex model of each claude-* family (default
+                                                 opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna)
   --max-inflight-bytes N  CCPROXY_MAX_INFLIGHT_BYTES request bodies held at once, in bytes
                                                  (default 67108864); beyond it a 503
   --log-format FORMAT     CCPROXY_LOG_FORMAT     text or json (default text)
@@ -156,6 +158,7 @@ var settings = []setting{
 	{"max-sessions", "CCPROXY_MAX_SESSIONS", "1000"},
 	{"max-session-bytes", "CCPROXY_MAX_SESSION_BYTES", "33554432"},
 	{"max-connections", "CCPROXY_MAX_CONNECTIONS", "1024"},
+	{"anthropic-models", "CCPROXY_ANTHROPIC_MODELS", "opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna"},
 	{"max-inflight-bytes", "CCPROXY_MAX_INFLIGHT_BYTES", "67108864"},
 	{"log-format", "CCPROXY_LOG_FORMAT", "text"},
 	{"log-level", "CCPROXY_LOG_LEVEL", "info"},
@@ -174,6 +177,7 @@ type config struct {
 	maxSessions     int
 	maxSessionBytes int64
 	maxConnections  int
+	claude          claudeModels  // the Codex model of each claude-* family
 	maxInflight     int64         // bytes of request bodies held at once
 	bodyTimeout     time.Duration // how long a request body may stall
 	logFormat       string
@@ -347,6 +351,7 @@ func parseServe(args []string, getenv func(string) string, file configFile, stde
 	fs.IntVar(&cfg.maxSessions, "max-sessions", 0, "")
 	fs.Int64Var(&cfg.maxSessionBytes, "max-session-bytes", 0, "")
 	fs.IntVar(&cfg.maxConnections, "max-connections", 0, "")
+	fs.TextVar(&cfg.claude, "anthropic-models", claudeModels{}, "")
 	fs.Int64Var(&cfg.maxInflight, "max-inflight-bytes", 0, "")
 	fs.StringVar(&cfg.logFormat, "log-format", "", "")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "")

@@ -139,16 +139,17 @@ type sseWriter struct {
 	w        http.ResponseWriter
 	rc       *http.ResponseController
 	buf      []byte
-	err      error // the first write error: the client is gone
-	started  bool  // the status and headers are sent
-	done     bool  // close was called: no more keepalives
+	err      error  // the first write error: the client is gone
+	started  bool   // the status and headers are sent
+	done     bool   // close was called: no more keepalives
+	ping     []byte // what a keepalive writes
 	interval time.Duration
 	idle     *time.Timer
 }
 
 // newSSEWriter returns a writer that has sent nothing yet.
 func newSSEWriter(w http.ResponseWriter, interval time.Duration) *sseWriter {
-	return &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval}
+	return &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval, ping: []byte(": keepalive\n\n")}
 }
 
 // startLocked sends the status and the event-stream headers.
@@ -166,7 +167,7 @@ func (s *sseWriter) keepalive() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.done && s.err == nil {
-		s.writeLocked([]byte(": keepalive\n\n"))
+		s.writeLocked(s.ping)
 		s.flushLocked()
 	}
 }

@@ -48,9 +48,18 @@ func (m reasoningMode) MarshalText() ([]byte, error) { return []byte(m), nil }
 // can read back with store=false, so a later turn can carry them.
 const encryptedReasoning = "reasoning.encrypted_content"
 
+// The client APIs a call can come in.
+const (
+	apiResponses = iota
+	apiChat
+	apiMessages // Anthropic
+	apiImages
+)
+
 // call is one client request in the backend's terms, whichever API it came in.
 type call struct {
-	chat         bool     // answer in Chat Completions format
+	api          int      // which API the client spoke, and is answered in
+	clientModel  string   // the model as the client named it, for Anthropic answers
 	stream       bool     // the client asked for a stream
 	includeUsage bool     // chat: stream_options.include_usage
 	jsonMode     bool     // chat: response_format asks for JSON, so never reasoning tags
@@ -317,7 +326,7 @@ func parseChat(body []byte) (*call, error) {
 	if c.text, c.jsonMode, err = chatText(&r); err != nil {
 		return nil, err
 	}
-	c.chat, c.stream = true, r.Stream
+	c.api, c.stream = apiChat, r.Stream
 	c.includeUsage = r.StreamOptions.IncludeUsage && r.Stream
 	// false is the chat default, and what Codex sends for model families without parallel calls.
 	c.parallel = &r.ParallelToolCalls
@@ -341,13 +350,7 @@ func chatTools(r *chatRequest) ([]json.RawMessage, error) {
 		if t.Function == nil || t.Function.Name == "" {
 			return nil, invalid(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
 		}
-		if isNull(t.Function.Parameters) {
-			t.Function.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
-		}
-		tools = append(tools, marshal(struct {
-			Type string `json:"type"`
-			*functionDef
-		}{"function", t.Function}))
+		tools = append(tools, marshal(newFunctionTool(*t.Function)))
 	}
 	return tools, nil
 }
@@ -688,6 +691,276 @@ func (c *call) normalizeItem(item json.RawMessage, param string) (object, error)
 	return o, nil
 }
 
+// claudeModels maps the family of a claude-* model id to a Codex model (--anthropic-models):
+// "opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna".
+type claudeModels map[string]string
+
+// UnmarshalText reads family=model pairs.
+func (m *claudeModels) UnmarshalText(b []byte) error {
+	*m = claudeModels{}
+	for _, pair := range strings.Split(string(b), ",") {
+		family, model, ok := strings.Cut(strings.TrimSpace(pair), "=")
+		if !ok || family == "" || model == "" {
+			return errors.New("want family=model pairs such as opus=gpt-6.1-sol,sonnet=gpt-6-sol")
+		}
+		(*m)[family] = model
+	}
+	return nil
+}
+
+// MarshalText writes the pairs, sorted.
+func (m claudeModels) MarshalText() ([]byte, error) {
+	var pairs []string
+	for _, f := range slices.Sorted(maps.Keys(m)) {
+		pairs = append(pairs, f+"="+m[f])
+	}
+	return []byte(strings.Join(pairs, ",")), nil
+}
+
+// codexModel is the Codex model for a claude-* id: its family's (sonnet's when the family is
+// unknown); other ids pass unchanged.
+func (m claudeModels) codexModel(model string) string {
+	if !strings.HasPrefix(model, "claude") {
+		return model
+	}
+	for family, codex := range m {
+		if strings.Contains(model, family) {
+			return codex
+		}
+	}
+	return cmp.Or(m["sonnet"], model)
+}
+
+// anthropicBlock is a content block of the Anthropic Messages API.
+type anthropicBlock struct {
+	Type      string          `json:"type"`
+	Text      string          `json:"text"`
+	Thinking  string          `json:"thinking"`
+	Signature string          `json:"signature"`
+	ID        string          `json:"id"`
+	Name      string          `json:"name"`
+	Input     json.RawMessage `json:"input"`
+	ToolUseID string          `json:"tool_use_id"`
+	Content   rawJSON         `json:"content"`
+	IsError   bool            `json:"is_error"`
+	Cache     json.RawMessage `json:"cache_control"`
+	Source    *struct {
+		Type      string  `json:"type"`
+		MediaType string  `json:"media_type"`
+		Data      rawJSON `json:"data"`
+		URL       string  `json:"url"`
+	} `json:"source"`
+}
+
+// anthropicRequest holds the Messages API members parseMessages reads.
+type anthropicRequest struct {
+	Model    string  `json:"model"`
+	System   rawJSON `json:"system"`
+	Messages []struct {
+		Role    string  `json:"role"`
+		Content rawJSON `json:"content"`
+	} `json:"messages"`
+	Tools []struct {
+		Type        string          `json:"type"`
+		Name        string          `json:"name"`
+		Description string          `json:"description,omitempty"`
+		InputSchema json.RawMessage `json:"input_schema"`
+	} `json:"tools"`
+	ToolChoice *struct {
+		Type            string `json:"type"`
+		Name            string `json:"name"`
+		DisableParallel bool   `json:"disable_parallel_tool_use"`
+	} `json:"tool_choice"`
+	Thinking *struct {
+		Type   string `json:"type"`
+		Budget int    `json:"budget_tokens"`
+	} `json:"thinking"`
+	Stream bool `json:"stream"`
+}
+
+// parseMessages translates an Anthropic Messages body: the system prompt becomes a developer
+// message, blocks become items, tools become function tools, and a thinking budget becomes a
+// reasoning effort with summaries (which come back as thinking blocks). metadata is ignored;
+// max_tokens, temperature, stop_sequences and the like are dropped and named.
+func parseMessages(body []byte, models claudeModels) (*call, error) {
+	var r anthropicRequest
+	ignored, err := decodeBody(body, []string{"model", "system", "messages", "tools", "tool_choice", "thinking",
+		"stream", "metadata"}, &r)
+	if err != nil {
+		return nil, err
+	}
+	c, effort, err := newCall(models.codexModel(r.Model), "", slices.DeleteFunc(ignored, func(k string) bool { return k == "metadata" }))
+	if err != nil {
+		return nil, err
+	}
+	c.api, c.clientModel, c.stream, c.toolChoice = apiMessages, r.Model, r.Stream, json.RawMessage(`"auto"`)
+	if len(r.Messages) == 0 {
+		return nil, invalid("messages", "messages: Field required")
+	}
+	if err := c.anthropicItems("system", "developer", r.System); err != nil {
+		return nil, err
+	}
+	for i, m := range r.Messages {
+		if m.Role != "user" && m.Role != "assistant" {
+			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages.%d.role: Input should be 'user' or 'assistant'", i)
+		}
+		if err := c.anthropicItems(fmt.Sprintf("messages[%d].content", i), m.Role, m.Content); err != nil {
+			return nil, err
+		}
+	}
+	for i, t := range r.Tools {
+		switch {
+		case t.Type == "" || t.Type == "custom":
+			c.tools = append(c.tools, marshal(newFunctionTool(functionDef{t.Name, t.Description, t.InputSchema, false})))
+		case strings.HasPrefix(t.Type, "web_search"):
+			c.tools = append(c.tools, json.RawMessage(`{"type":"web_search"}`))
+		default: // Anthropic's other server tools have no Codex counterpart
+			c.ignore(fmt.Sprintf("tools[%d]", i))
+		}
+	}
+	c.parallel = new(bool)
+	*c.parallel = r.ToolChoice == nil || !r.ToolChoice.DisableParallel
+	if tc := r.ToolChoice; tc != nil {
+		c.toolChoice = marshal(map[string]string{"auto": "auto", "any": "required", "none": "none"}[tc.Type])
+		if tc.Type == "tool" {
+			c.toolChoice = marshal(map[string]string{"type": "function", "name": tc.Name})
+		}
+	}
+	c.reasoning = object{}
+	if th := r.Thinking; th != nil && th.Type == "enabled" {
+		c.reasoning["summary"] = json.RawMessage(`"auto"`) // the summaries become thinking blocks
+		switch {
+		case effort != "":
+		case th.Budget < 4096:
+			effort = "low"
+		case th.Budget < 16384:
+			effort = "medium"
+		case th.Budget < 32768:
+			effort = "high"
+		default:
+			effort = "xhigh"
+		}
+	}
+	if effort != "" {
+		c.reasoning["effort"] = marshal(effort)
+	}
+	return c, nil
+}
+
+// anthropicItems appends a message's blocks (or the system prompt's) as input items: runs of
+// text and images as messages, tool results as function_call_output, tool uses as
+// function_call, and a thinking block that carries ccproxy's signature (the backend's
+// encrypted reasoning) as the reasoning item it came from.
+func (c *call) anthropicItems(param, role string, content rawJSON) error {
+	var blocks []anthropicBlock
+	var s string
+	switch {
+	case isNull(content):
+	case content[0] == '"' && json.Unmarshal(content, &s) == nil:
+		blocks = []anthropicBlock{{Type: "text", Text: s}}
+	default:
+		if err := decodeParam(json.RawMessage(content), param, &blocks); err != nil {
+			return err
+		}
+	}
+	textType := map[bool]string{true: "output_text", false: "input_text"}[role == "assistant"]
+	var parts []any
+	flush := func() {
+		if len(parts) > 0 {
+			c.input = append(c.input, marshal(messageItem{"message", role, parts}))
+			parts = nil
+		}
+	}
+	for j, b := range blocks {
+		bp := fmt.Sprintf("%s[%d]", param, j)
+		if !isNull(b.Cache) {
+			c.ignore(bp + ".cache_control")
+		}
+		switch {
+		case b.Type == "text":
+			parts = append(parts, textPart{textType, b.Text})
+			continue
+		case b.Type == "image" && role == "user" && b.Source != nil:
+			parts = append(parts, anthropicImage(b.Source))
+			continue
+		case b.Type == "redacted_thinking" || b.Type == "thinking" && !strings.HasPrefix(b.Signature, "gAAAA"):
+			continue // not the backend's: it could not read it
+		}
+		flush()
+		switch {
+		case b.Type == "tool_result" && role == "user":
+			c.input = append(c.input, marshal(toolResult(&b)))
+		case b.Type == "tool_use" && role == "assistant":
+			args := string(b.Input)
+			if isNull(b.Input) {
+				args = "{}"
+			}
+			c.input = append(c.input, marshal(functionCall{"function_call", b.Name, args, b.ID}))
+		case b.Type == "thinking" && role == "assistant":
+			c.input = append(c.input, marshal(map[string]any{"type": "reasoning", "encrypted_content": b.Signature,
+				"summary": []textPart{{"summary_text", b.Thinking}}}))
+		default:
+			return invalid(bp+".type", "%s.type: %q is not supported here", bp, b.Type)
+		}
+	}
+	flush()
+	return nil
+}
+
+// anthropicImage is an input_image of an Anthropic image source. The base64 data is copied
+// into the data URL as it came, without being decoded.
+func anthropicImage(src *struct {
+	Type      string  `json:"type"`
+	MediaType string  `json:"media_type"`
+	Data      rawJSON `json:"data"`
+	URL       string  `json:"url"`
+}) inputImage {
+	if src.Type == "url" || len(src.Data) < 2 || strings.ContainsAny(src.MediaType, `"\`) {
+		return inputImage{Type: "input_image", ImageURL: marshal(src.URL)}
+	}
+	return inputImage{Type: "input_image", ImageURL: append([]byte(`"data:`+src.MediaType+`;base64,`), src.Data[1:]...)}
+}
+
+// toolResult is a function_call_output of a tool_result block: its text, or its text and
+// images as output parts; an error result says so first.
+func toolResult(b *anthropicBlock) any {
+	var blocks []anthropicBlock
+	var text string
+	if json.Unmarshal(b.Content, &text) != nil && json.Unmarshal(b.Content, &blocks) == nil {
+		for _, part := range blocks {
+			text += part.Text
+		}
+	}
+	if b.IsError {
+		text = "Error: " + text
+	}
+	out := callOutput{"function_call_output", b.ToolUseID, text}
+	var parts []any
+	for _, part := range blocks {
+		if part.Type == "image" && part.Source != nil {
+			parts = append(parts, anthropicImage(part.Source))
+		}
+	}
+	if parts == nil {
+		return out
+	}
+	return map[string]any{"type": out.Type, "call_id": out.CallID, "output": append([]any{textPart{"input_text", text}}, parts...)}
+}
+
+// functionTool is a flat Responses function tool.
+type functionTool struct {
+	Type string `json:"type"`
+	functionDef
+}
+
+// newFunctionTool makes f a tool; a missing schema is an empty object schema.
+func newFunctionTool(f functionDef) functionTool {
+	if isNull(f.Parameters) {
+		f.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
+	}
+	return functionTool{"function", f}
+}
+
 // closeCalls answers every call from items[from:] that has no output with an "aborted" one,
 // right after it, as the Codex CLI does after an interrupted turn (codex-rs/core/src/
 // context_manager/normalize.rs, ensure_call_outputs_present): a turn that ended in tool calls
@@ -822,13 +1095,13 @@ func check(c *call, m *catalogModel) error {
 	var effort string
 	json.Unmarshal(c.reasoning["effort"], &effort)
 	if efforts := m.efforts(); effort != "" && efforts != nil && !slices.Contains(efforts, effort) {
-		param := cmp.Or(map[bool]string{true: "reasoning_effort"}[c.chat], "reasoning.effort")
+		param := cmp.Or(map[bool]string{true: "reasoning_effort"}[c.api == apiChat], "reasoning.effort")
 		return invalid(param, "Unsupported value: '%s' is not supported with the '%s' model. Supported values are: %s.",
 			effort, m.Slug, quoteList(efforts))
 	}
 	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") &&
 		slices.ContainsFunc(c.input, func(it json.RawMessage) bool { return bytes.Contains(it, []byte(`"input_image"`)) }) {
-		return invalid(cmp.Or(map[bool]string{true: "messages"}[c.chat], "input"),
+		return invalid(cmp.Or(map[bool]string{true: "messages"}[c.api != apiResponses], "input"),
 			"The '%s' model does not accept image input; it takes only %s.", m.Slug, quoteList(m.Modalities))
 	}
 	if tiers := m.tiers(); c.tier == "priority" && tiers != nil && !slices.Contains(tiers, c.tier) {
@@ -993,6 +1266,7 @@ type outputItem struct {
 	Arguments string       `json:"arguments"`
 	Content   []outputText `json:"content"`
 	Summary   []outputText `json:"summary"`
+	Encrypted string       `json:"encrypted_content"`
 }
 
 // outputText is a content or summary part of an output item.
@@ -1009,6 +1283,7 @@ const (
 	pieceReasoning                  // reasoning summary or text
 	pieceCall                       // a function call starts: id, name, first arguments
 	pieceArgs                       // more arguments of call
+	pieceSignature                  // a reasoning item's encrypted content, when it is complete
 )
 
 // piece is a bit of the reply as it grows, the same for every client API.
@@ -1138,7 +1413,15 @@ func (t *turn) newCall(it *outputItem, emit func(*piece)) {
 // came as deltas.
 func (t *turn) itemDone(raw json.RawMessage, emit func(*piece)) {
 	var it outputItem
-	if json.Unmarshal(raw, &it) != nil || it.ID != "" && slices.Contains(t.streamed, it.ID) {
+	if json.Unmarshal(raw, &it) != nil {
+		return
+	}
+	defer func() {
+		if it.Type == "reasoning" && it.Encrypted != "" {
+			t.emit(emit, piece{kind: pieceSignature, item: it.ID, text: it.Encrypted})
+		}
+	}()
+	if it.ID != "" && slices.Contains(t.streamed, it.ID) {
 		return
 	}
 	switch it.Type {
@@ -1437,6 +1720,146 @@ func appendEscaped(dst []byte, s string) []byte {
 		start = i
 	}
 	return append(dst, s[start:]...)
+}
+
+// anthropicStream writes a turn as the Anthropic Messages stream: message_start, a content block
+// per run of text and per reasoning item (start, deltas, stop), the tool uses, message_delta
+// with the stop reason and usage, message_stop. A thinking block ends with the reasoning's
+// encrypted content as its signature, so that a client that sends it back continues the
+// backend's reasoning. Tool uses are sent whole at the end: their arguments may arrive
+// interleaved, and a block cannot be reopened.
+type anthropicStream struct {
+	id, model string
+	emit      func(name string, data []byte)
+	started   bool
+	blocks    int    // blocks started so far
+	open      string // the open block's type, "" when none
+	item      string // the open block's item
+	g         paragraphs
+	calls     []chatToolCall
+}
+
+// send emits one event.
+func (s *anthropicStream) send(name string, fields map[string]any) {
+	fields["type"] = name
+	s.emit(name, marshal(fields))
+}
+
+// begin sends message_start, once.
+func (s *anthropicStream) begin() {
+	if !s.started {
+		s.started = true
+		s.send("message_start", map[string]any{"message": map[string]any{"id": s.id, "type": "message",
+			"role": "assistant", "model": s.model, "content": []any{}, "stop_reason": nil, "stop_sequence": nil,
+			"usage": map[string]int{"input_tokens": 0, "output_tokens": 0}}})
+	}
+}
+
+// block makes the open block cb, of item, unless it is already.
+func (s *anthropicStream) block(cb map[string]any, item string) {
+	if s.begin(); s.open == cb["type"] && s.item == item {
+		return
+	}
+	s.stop()
+	s.open, s.item, s.g = cb["type"].(string), item, paragraphs{}
+	s.send("content_block_start", map[string]any{"index": s.blocks, "content_block": cb})
+	s.blocks++
+}
+
+// stop ends the open block.
+func (s *anthropicStream) stop() {
+	if s.open != "" {
+		s.send("content_block_stop", map[string]any{"index": s.blocks - 1})
+		s.open = ""
+	}
+}
+
+// delta emits a delta to the open block.
+func (s *anthropicStream) delta(d map[string]any) {
+	s.send("content_block_delta", map[string]any{"index": s.blocks - 1, "delta": d})
+}
+
+// piece emits the events of one piece of the reply.
+func (s *anthropicStream) piece(p *piece) {
+	switch p.kind {
+	case pieceText:
+		s.block(map[string]any{"type": "text", "text": ""}, p.item)
+		s.delta(map[string]any{"type": "text_delta", "text": p.text})
+	case pieceReasoning:
+		s.block(map[string]any{"type": "thinking", "thinking": "", "signature": ""}, p.item)
+		s.delta(map[string]any{"type": "thinking_delta", "thinking": s.g.sep(p) + p.text})
+	case pieceSignature:
+		if s.open == "thinking" && s.item == p.item {
+			s.delta(map[string]any{"type": "signature_delta", "signature": p.text})
+		}
+	case pieceCall:
+		tc := chatToolCall{ID: p.callID}
+		tc.Function.Name, tc.Function.Arguments = p.name, p.text
+		s.calls = append(s.calls, tc)
+	case pieceArgs:
+		s.calls[p.call].Function.Arguments += p.text
+	}
+}
+
+// finish emits the tool uses, the stop reason and the usage.
+func (s *anthropicStream) finish(t *turn) {
+	stop := map[bool]string{true: "max_tokens", false: "end_turn"}[t.incomplete == "max_output_tokens"]
+	for _, c := range s.calls {
+		stop = "tool_use"
+		s.block(map[string]any{"type": "tool_use", "id": c.ID, "name": c.Function.Name, "input": map[string]any{}}, c.ID)
+		s.delta(map[string]any{"type": "input_json_delta", "partial_json": cmp.Or(c.Function.Arguments, "{}")})
+	}
+	s.begin()
+	s.stop()
+	u, cached := t.usage, t.usage.InputTokensDetails.CachedTokens
+	s.send("message_delta", map[string]any{"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil},
+		"usage": map[string]int{"input_tokens": u.InputTokens - cached, "output_tokens": u.OutputTokens,
+			"cache_read_input_tokens": cached}})
+	s.send("message_stop", map[string]any{})
+}
+
+// anthropicMessage is the Messages API answer of a finished turn, for a client that does not
+// stream: the events of the stream, folded into the message they describe.
+func anthropicMessage(t *turn, id, model string) []byte {
+	var msg map[string]any
+	var blocks []map[string]any
+	s := &anthropicStream{id: id, model: model, emit: func(name string, data []byte) {
+		var ev struct {
+			Message map[string]any `json:"message"`
+			Block   map[string]any `json:"content_block"`
+			Delta   map[string]any `json:"delta"`
+			Usage   map[string]any `json:"usage"`
+		}
+		json.Unmarshal(data, &ev)
+		switch name {
+		case "message_start":
+			msg = ev.Message
+		case "content_block_start":
+			blocks = append(blocks, ev.Block)
+		case "content_block_delta":
+			b := blocks[len(blocks)-1]
+			for k, v := range ev.Delta {
+				if prev, _ := b[k].(string); k != "type" {
+					b[k] = prev + v.(string)
+				}
+			}
+		case "message_delta":
+			msg["stop_reason"], msg["usage"] = ev.Delta["stop_reason"], ev.Usage
+		}
+	}}
+	collect(t, s.piece)
+	s.finish(t)
+	for _, b := range blocks {
+		if args, ok := b["partial_json"].(string); ok {
+			delete(b, "partial_json")
+			b["input"] = json.RawMessage(args)
+			if !json.Valid(b["input"].(json.RawMessage)) {
+				b["input"] = map[string]any{}
+			}
+		}
+	}
+	msg["content"] = blocks
+	return marshal(msg)
 }
 
 // responseObject is the Responses API object of a finished turn: the terminal response with

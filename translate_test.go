@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -85,6 +86,28 @@ func translateCase(t *testing.T, gc *goldenCase) any {
 		}
 		return map[string]any{"upstream": upstreamOf(c), "ignored": c.ignored, "stream": c.stream,
 			"previous_response_id": c.previousID}
+	case "messages":
+		c, err := parseMessages(gc.Request, claudeModels{"opus": "gpt-6.1-sol", "sonnet": "gpt-6-sol", "haiku": "gpt-6-luna"})
+		if err != nil {
+			return errorView(err)
+		}
+		return map[string]any{"upstream": upstreamOf(c), "ignored": c.ignored, "stream": c.stream, "client_model": c.clientModel}
+	case "anthropic":
+		events := []json.RawMessage{}
+		s := &anthropicStream{id: "msg_test", model: "claude-test", emit: func(name string, data []byte) {
+			events = append(events, json.RawMessage(fmt.Sprintf(`{"event":%q,"data":%s}`, name, data)))
+		}}
+		tr := &turn{}
+		var e event
+		for _, ev := range gc.Events {
+			e.decode(nil, ev)
+			tr.add(&e, s.piece)
+		}
+		if tr.err != nil {
+			return map[string]any{"events": events, "error": errorView(tr.err), "error_event": json.RawMessage(errorBodyOf(tr.err))}
+		}
+		s.finish(tr)
+		return map[string]any{"events": events, "message": json.RawMessage(anthropicMessage(tr, "msg_test", "claude-test"))}
 	case "events":
 		chunks, streamErr := runStream(gc)
 		tr := runTurn(gc.Events)
@@ -141,6 +164,12 @@ func runTurn(events []json.RawMessage) *turn {
 		tr.add(&e, func(*piece) {})
 	}
 	return tr
+}
+
+// errorBodyOf is the Anthropic error body of err.
+func errorBodyOf(err error) []byte {
+	_, b := errorEvent(apiMessages, err)
+	return b
 }
 
 // errorView shows an error in golden files as the client sees it.
