@@ -234,6 +234,8 @@ func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessio
 		mux.Handle("POST "+path+"/responses", turn)
 		mux.Handle("POST "+path+"/messages", turn)
 	}
+	mux.Handle("POST /codex/images/generations", codex(handleImages(up, p, b, cfg.imageModel)))
+	mux.Handle("POST /codex/v1/images/generations", codex(handleImages(up, p, b, cfg.imageModel)))
 	mux.Handle("POST /codex/messages/count_tokens", codex(handleCountTokens(b, cfg.claude)))
 	mux.Handle("POST /codex/v1/messages/count_tokens", codex(handleCountTokens(b, cfg.claude)))
 	mux.Handle("GET /codex/models", codex(handleModels(models)))
@@ -679,9 +681,10 @@ func (s *stallReader) Read(p []byte) (int, error) {
 	return s.r.Read(p)
 }
 
-// redactPattern finds JSON string values of secret-looking keys.
+// redactPattern finds JSON string values of secret-looking keys, and of images: a generated
+// or uploaded image is never written to the log.
 var redactPattern = regexp.MustCompile(
-	`(?i)("[^"]*(?:token|secret|password|api_?key|authorization)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"`)
+	`(?i)("[^"]*(?:token|secret|password|api_?key|authorization|result|b64_json|image)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"`)
 
 // redact hides secret-looking values in a body logged at debug level.
 func redact(body []byte) string {
@@ -894,6 +897,48 @@ func handleModels(models *catalog) http.Handler {
 			}
 		}
 		writeJSON(w, map[string]any{"object": "list", "data": data})
+	})
+}
+
+// handleImages answers the OpenAI Images API: n turns with the backend's image_generation
+// tool, run in parallel, none of them stored. The first failure, or the client leaving, ends
+// the others.
+func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, release, err := b.read(w, r)
+		defer release()
+		var c *call
+		var n int
+		if err == nil {
+			c, n, err = parseImages(body, model)
+		}
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		info(r).model = c.model
+		m := p.models.find(r.Context(), c.model)
+		ctx, cancel := context.WithCancelCause(r.Context())
+		defer cancel(nil)
+		turns, done := make([]*turn, n), make(chan struct{})
+		for i := range turns {
+			turns[i] = &turn{}
+			go func() {
+				defer func() { done <- struct{}{} }()
+				if err := exchange(ctx, up, p, c, c.input, m, newUUID(), turns[i], &jsonRenderer{}, http.Header{}); err != nil {
+					cancel(err)
+				}
+			}()
+		}
+		for range turns {
+			<-done
+		}
+		answer, err := imagesAnswer(turns, time.Now().Unix())
+		if err = cmp.Or(context.Cause(ctx), err); err != nil {
+			writeError(w, r, err)
+			return
+		}
+		writeJSON(w, answer)
 	})
 }
 

@@ -292,7 +292,7 @@ func newProxy(t testing.TB, fb *fakeBackend, opts ...func(*config)) *proxy {
 	cfg := config{host: "127.0.0.1", upstreamURL: fb.URL, authURL: "http://127.0.0.1:1", reasoning: reasoningTags,
 		instructions: instructions{mode: "auto"}, sessionTTL: time.Hour, maxSessions: 100, maxSessionBytes: 1 << 20, codexEnabled: true,
 		home: filepath.Join(dir, "ccproxy"), authPath: filepath.Join(dir, "codex", "auth.json"), keepalive: time.Hour,
-		maxInflight: 4 * maxBodyBytes, bodyTimeout: time.Minute, claude: claudeModels{"opus": "gpt-6.1-sol", "sonnet": "gpt-6-sol", "haiku": "gpt-6-luna"},
+		maxInflight: 4 * maxBodyBytes, bodyTimeout: time.Minute, claude: claudeModels{"opus": "gpt-6.1-sol", "sonnet": "gpt-6-sol", "haiku": "gpt-6-luna"}, imageModel: "gpt-5.5",
 		logLevel: slog.LevelDebug} // debug: tests check that not even debug lines carry secrets
 	for _, o := range opts {
 		o(&cfg)
@@ -2313,5 +2313,114 @@ func TestAnthropicStreamFailure(t *testing.T) {
 				t.Errorf("%d:\n%s\nwant %d with %s and no message_stop", resp.StatusCode, body, tc.status, tc.want)
 			}
 		})
+	}
+}
+
+// imageReply draws one picture: partial images, then the image_generation_call item.
+func imageReply(respID, result string) []string {
+	img := map[string]any{"id": "ig_1", "type": "image_generation_call", "status": "completed", "result": result,
+		"revised_prompt": "a cat on a mat, watercolour"}
+	return []string{
+		sse("response.created", map[string]any{"response": map[string]any{"id": respID}}),
+		sse("response.output_item.added", map[string]any{"output_index": 0, "item": map[string]any{"id": "ig_1", "type": "image_generation_call"}}),
+		sse("response.image_generation_call.partial_image", map[string]any{"item_id": "ig_1", "partial_image_index": 0, "partial_image_b64": "cGFydA=="}),
+		sse("response.output_item.done", map[string]any{"output_index": 0, "item": img}),
+		sse("response.completed", map[string]any{"response": map[string]any{"id": respID, "status": "completed", "output": []any{img},
+			"usage": map[string]any{"input_tokens": 20, "output_tokens": 1000}}}),
+	}
+}
+
+// TestImages: the Images API runs turns with the backend's image tool; an answer without an
+// image is an error with the model's words; a failure or the client leaving ends it all.
+func TestImages(t *testing.T) {
+	tests := []struct {
+		name, body string
+		reply      func(n int) []string
+		status     int
+		want       []string
+		calls      int
+	}{
+		{"one image", `{"model":"gpt-image-1","prompt":"a cat","size":"1024x1024"}`, func(int) []string { return imageReply("resp_1", "aW1hZ2U=") },
+			200, []string{`"b64_json":"aW1hZ2U="`, `"revised_prompt":"a cat on a mat, watercolour"`, `"total_tokens":1020`}, 1},
+		{"n = 2", `{"prompt":"a cat","n":2}`, func(n int) []string { return imageReply(fmt.Sprint("resp_", n), fmt.Sprint("aW1n", n)) },
+			200, []string{`"b64_json":"aW1n`, `"total_tokens":2040`}, 2},
+		{"refusal", `{"prompt":"something forbidden"}`, func(int) []string { return textReply("resp_1", "I can't draw that.") },
+			400, []string{`"code":"no_image"`, "I can't draw that."}, 1},
+		{"failure mid-generation", `{"prompt":"a cat"}`, func(int) []string {
+			return append(imageReply("resp_1", "x")[:3], sse("response.failed", map[string]any{"response": map[string]any{
+				"error": map[string]any{"code": "server_error", "message": "the image tool failed"}}}))
+		}, 502, []string{"the image tool failed"}, 1},
+		{"url", `{"prompt":"a cat","response_format":"url"}`, nil, 400, []string{`"param":"response_format"`}, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			n := 0
+			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+				mu.Lock()
+				n++
+				events := tc.reply(n)
+				mu.Unlock()
+				writeEvents(w, events)
+			})
+			p := newProxy(t, fb)
+			resp, body := p.post(t, "/codex/v1/images/generations", tc.body)
+			if resp.StatusCode != tc.status || len(fb.bodies) != tc.calls {
+				t.Fatalf("%d after %d calls: %.300s; want %d after %d", resp.StatusCode, len(fb.bodies), body, tc.status, tc.calls)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(body, w) {
+					t.Errorf("body %.300s; want %s", body, w)
+				}
+			}
+			if tc.calls > 0 && (fb.bodies[0]["model"] != "gpt-5.5" || !strings.Contains(jsonString(fb.bodies[0]["tools"]), `"type":"image_generation"`)) {
+				t.Errorf("upstream %v; want gpt-5.5 with the image_generation tool", fb.bodies[0])
+			}
+			if strings.Contains(p.log.String(), "aW1") {
+				t.Errorf("an image reached the log:\n%s", p.log.String())
+			}
+		})
+	}
+}
+
+// TestImagesClientLeaves: the client leaving during generation cancels the backend's request.
+func TestImagesClientLeaves(t *testing.T) {
+	reached, canceled := make(chan struct{}), make(chan struct{})
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, imageReply("resp_1", "x")[:3])
+		close(reached)
+		<-r.Context().Done()
+		close(canceled)
+	})
+	p := newProxy(t, fb)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		req, _ := http.NewRequestWithContext(ctx, "POST", p.URL+"/codex/v1/images/generations", strings.NewReader(`{"prompt":"a cat"}`))
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	<-reached
+	cancel()
+	<-canceled // the test times out if the backend's request is never canceled
+}
+
+// TestNativeImageTool: a Responses client that asks for the image tool itself gets the image
+// events and items as the backend sent them.
+func TestNativeImageTool(t *testing.T) {
+	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
+		writeEvents(w, imageReply("resp_1", "aW1hZ2U="))
+	})
+	p := newProxy(t, fb)
+	_, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","stream":true,"tools":[{"type":"image_generation"}],"input":"a cat"}`)
+	if !strings.Contains(body, "event: response.image_generation_call.partial_image") || !strings.Contains(body, `"result":"aW1hZ2U="`) {
+		t.Errorf("stream:\n%.600s\nwant the image events and item relayed", body)
+	}
+	_, body = p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","tools":[{"type":"image_generation"}],"input":"a cat"}`)
+	if got := decode(t, body); jsonPath(got, "output", 0, "type") != "image_generation_call" || jsonPath(got, "output", 0, "result") != "aW1hZ2U=" {
+		t.Errorf("response %.400s; want the image_generation_call item", body)
+	}
+	if strings.Contains(p.log.String(), "aW1hZ2U=") {
+		t.Errorf("an image reached the log:\n%s", p.log.String())
 	}
 }

@@ -123,6 +123,7 @@ $CCPROXY_HOME/config.json (key = flag name), then from the default.
   --max-sessions N        CCPROXY_MAX_SESSIONS   sessions kept at most (default 1000)
   --max-session-bytes N   CCPROXY_MAX_SESSION_BYTES  transcript size cap (default 33554432)
   --max-connections N     CCPROXY_MAX_CONNECTIONS    connections served at once (default 1024)
+  --image-model MODEL     CCPROXY_IMAGE_MODEL        the model that draws for /images (default gpt-5.5)
   --anthropic-models LIST CCPROXY_ANTHROPIC_MODELS   the Codex model of each claude-* family (default
                                                  opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna)
   --max-inflight-bytes N  CCPROXY_MAX_INFLIGHT_BYTES request bodies held at once, in bytes
@@ -158,6 +159,7 @@ var settings = []setting{
 	{"max-sessions", "CCPROXY_MAX_SESSIONS", "1000"},
 	{"max-session-bytes", "CCPROXY_MAX_SESSION_BYTES", "33554432"},
 	{"max-connections", "CCPROXY_MAX_CONNECTIONS", "1024"},
+	{"image-model", "CCPROXY_IMAGE_MODEL", "gpt-5.5"},
 	{"anthropic-models", "CCPROXY_ANTHROPIC_MODELS", "opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna"},
 	{"max-inflight-bytes", "CCPROXY_MAX_INFLIGHT_BYTES", "67108864"},
 	{"log-format", "CCPROXY_LOG_FORMAT", "text"},
@@ -178,6 +180,7 @@ type config struct {
 	maxSessionBytes int64
 	maxConnections  int
 	claude          claudeModels  // the Codex model of each claude-* family
+	imageModel      string        // the model that draws for the Images API
 	maxInflight     int64         // bytes of request bodies held at once
 	bodyTimeout     time.Duration // how long a request body may stall
 	logFormat       string
@@ -352,6 +355,7 @@ func parseServe(args []string, getenv func(string) string, file configFile, stde
 	fs.Int64Var(&cfg.maxSessionBytes, "max-session-bytes", 0, "")
 	fs.IntVar(&cfg.maxConnections, "max-connections", 0, "")
 	fs.TextVar(&cfg.claude, "anthropic-models", claudeModels{}, "")
+	fs.StringVar(&cfg.imageModel, "image-model", "", "")
 	fs.Int64Var(&cfg.maxInflight, "max-inflight-bytes", 0, "")
 	fs.StringVar(&cfg.logFormat, "log-format", "", "")
 	fs.TextVar(&cfg.logLevel, "log-level", slog.LevelInfo, "")

@@ -961,6 +961,96 @@ func newFunctionTool(f functionDef) functionTool {
 	return functionTool{"function", f}
 }
 
+// imageRequest holds the OpenAI Images API members parseImages reads.
+type imageRequest struct {
+	Prompt         string `json:"prompt"`
+	Model          string `json:"model"`
+	N              *int   `json:"n"`
+	Size           string `json:"size,omitempty"`
+	Quality        string `json:"quality,omitempty"`
+	Background     string `json:"background,omitempty"`
+	OutputFormat   string `json:"output_format,omitempty"`
+	ResponseFormat string `json:"response_format"`
+}
+
+// parseImages translates an Images API body into the call of one turn that draws with the
+// backend's image_generation tool, and the number of images (turns) asked for. model is the
+// Codex model that draws; an image model id of OpenAI's API (gpt-image-1, dall-e-3) means it.
+func parseImages(body []byte, model string) (*call, int, error) {
+	var r imageRequest
+	ignored, err := decodeBody(body, []string{"prompt", "model", "n", "size", "quality", "background",
+		"output_format", "response_format"}, &r)
+	switch {
+	case err != nil:
+		return nil, 0, err
+	case r.Prompt == "":
+		return nil, 0, invalid("prompt", "Missing required parameter: 'prompt'.")
+	case r.ResponseFormat != "" && r.ResponseFormat != "b64_json":
+		return nil, 0, invalid("response_format", "Invalid value for 'response_format': ccproxy has no URL to give; "+
+			"the images come back as b64_json (omit response_format).")
+	case r.N != nil && (*r.N < 1 || *r.N > 10):
+		return nil, 0, invalid("n", "Invalid value for 'n': expected an integer from 1 to 10.")
+	}
+	if r.Model != "" && !strings.HasPrefix(r.Model, "gpt-image") && !strings.HasPrefix(r.Model, "dall-e") {
+		model = r.Model
+	}
+	c, effort, err := newCall(model, "", ignored)
+	if err != nil {
+		return nil, 0, err
+	}
+	c.api, c.clientModel, c.instructions = apiImages, r.Model, new(string)
+	*c.instructions = "Draw what the user describes with the image_generation tool, once, and answer with nothing else."
+	tool := map[string]string{"type": "image_generation", "output_format": cmp.Or(r.OutputFormat, "png"),
+		"size": r.Size, "quality": r.Quality, "background": r.Background}
+	maps.DeleteFunc(tool, func(_, v string) bool { return v == "" })
+	c.tools = []json.RawMessage{marshal(tool)}
+	c.input = []json.RawMessage{marshal(messageItem{"message", "user", []any{textPart{"input_text", r.Prompt}}})}
+	if effort != "" {
+		c.reasoning = object{"effort": marshal(effort)}
+	}
+	n := 1
+	if r.N != nil {
+		n = *r.N
+	}
+	return c, n, nil
+}
+
+// imagesAnswer is the Images API answer of finished turns: each turn's image, with the prompt
+// the model drew from. A turn that drew nothing is an error that carries what the model said.
+func imagesAnswer(turns []*turn, created int64) ([]byte, error) {
+	type image struct {
+		B64JSON       string `json:"b64_json"`
+		RevisedPrompt string `json:"revised_prompt,omitempty"`
+	}
+	var data []image
+	var u tokenUsage
+	for _, t := range turns {
+		n := len(data)
+		for _, raw := range t.items {
+			var it struct {
+				Type, Result  string
+				RevisedPrompt string `json:"revised_prompt"`
+			}
+			if json.Unmarshal(raw, &it) == nil && it.Type == "image_generation_call" && it.Result != "" {
+				data = append(data, image{it.Result, it.RevisedPrompt})
+			}
+		}
+		if len(data) == n {
+			var text strings.Builder
+			collect(t, func(p *piece) {
+				if p.kind == pieceText {
+					text.WriteString(p.text)
+				}
+			})
+			return nil, &apiError{kind: errInvalid, code: "no_image", msg: "the model answered without an image: " +
+				cmp.Or(strings.TrimSpace(text.String()), "(no text either)")}
+		}
+		u.InputTokens, u.OutputTokens = u.InputTokens+t.usage.InputTokens, u.OutputTokens+t.usage.OutputTokens
+	}
+	return marshal(map[string]any{"created": created, "data": data, "usage": map[string]int{"input_tokens": u.InputTokens,
+		"output_tokens": u.OutputTokens, "total_tokens": u.InputTokens + u.OutputTokens}}), nil
+}
+
 // closeCalls answers every call from items[from:] that has no output with an "aborted" one,
 // right after it, as the Codex CLI does after an interrupted turn (codex-rs/core/src/
 // context_manager/normalize.rs, ensure_call_outputs_present): a turn that ended in tool calls
