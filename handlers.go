@@ -32,104 +32,69 @@ const maxBodyBytes = 32 << 20
 // keepaliveInterval is the SSE comment cadence during upstream silence.
 const keepaliveInterval = 15 * time.Second
 
-// The kinds of failure, whichever layer finds them. errorKinds gives each its HTTP status and
-// OpenAI error type; nothing else decides statuses.
-var (
-	errInvalid      = errors.New("invalid request")
-	errUnauthorized = errors.New("unauthorized")
-	errForbidden    = errors.New("forbidden")
-	errNotFound     = errors.New("not found")
-	errMethod       = errors.New("method not allowed")
-	errConflict     = errors.New("conflict")
-	errTooLarge     = errors.New("too large")
-	errLimited      = errors.New("limited")
-	errStorage      = errors.New("storage failure")
-	errBackend      = errors.New("backend failure")
-	errUnavailable  = errors.New("unavailable")
-	errTimeout      = errors.New("timeout")
-)
-
-// errorKinds maps each kind to its status and OpenAI error type.
-var errorKinds = map[error]struct {
+// errKind is a kind of failure, whichever layer finds it: these values are the one table of
+// HTTP statuses and OpenAI error types.
+type errKind struct {
 	status int
 	typ    string
-}{
-	errInvalid:      {400, "invalid_request_error"},
-	errUnauthorized: {401, "authentication_error"},
-	errForbidden:    {403, "invalid_request_error"},
-	errNotFound:     {404, "invalid_request_error"},
-	errMethod:       {405, "invalid_request_error"},
-	errConflict:     {409, "invalid_request_error"},
-	errTooLarge:     {413, "invalid_request_error"},
-	errLimited:      {429, "rate_limit_error"},
-	errStorage:      {500, "api_error"},
-	errBackend:      {502, "api_error"},
-	errUnavailable:  {503, "api_error"},
-	errTimeout:      {408, "invalid_request_error"},
 }
 
-// apiError is a failure the client is told about: its kind, the machine-readable code and
-// parameter of the OpenAI error shape, and the message.
+var (
+	errInvalid      = &errKind{400, "invalid_request_error"}
+	errUnauthorized = &errKind{401, "authentication_error"}
+	errForbidden    = &errKind{403, "invalid_request_error"}
+	errNotFound     = &errKind{404, "invalid_request_error"}
+	errMethod       = &errKind{405, "invalid_request_error"}
+	errTimeout      = &errKind{408, "invalid_request_error"}
+	errConflict     = &errKind{409, "invalid_request_error"}
+	errTooLarge     = &errKind{413, "invalid_request_error"}
+	errLimited      = &errKind{429, "rate_limit_error"}
+	errStorage      = &errKind{500, "api_error"}
+	errBackend      = &errKind{502, "api_error"}
+	errUnavailable  = &errKind{503, "api_error"}
+)
+
+// apiError is a failure the client is told about: its kind, and the code, parameter and
+// message of the OpenAI error shape.
 type apiError struct {
-	kind        error
+	kind        *errKind
 	code, param string
 	msg         string
 	header      http.Header // extra response headers such as Retry-After
 	cause       error       // what went wrong underneath, for errors.Is
 }
 
-func (e *apiError) Error() string   { return e.msg }
-func (e *apiError) Unwrap() []error { return []error{e.kind, e.cause} }
+func (e *apiError) Error() string { return e.msg }
+func (e *apiError) Unwrap() error { return e.cause }
 
-// errorInfo is what a client is told of an error.
-type errorInfo struct {
-	status           int
-	typ, code, param string
-	header           http.Header
-}
-
-// describe maps any error to the status and fields the client sees: the one table of the
-// program. The message is always err.Error(), so what wrapping adds (a hint, a second failure)
-// reaches the client and the log.
-func describe(err error) errorInfo {
+// describe maps any error to the status, type, code and parameter the client sees. The
+// message is always err.Error(), so what wrapping adds (a hint, a second failure) is kept.
+func describe(err error) (k errKind, code, param string, header http.Header) {
 	var ue *upstreamError
 	var ae *apiError
 	var tooBig *http.MaxBytesError
 	switch {
-	case errors.As(err, &ue):
-		e := errorInfo{ue.status, cmp.Or(ue.typ, "invalid_request_error"), ue.code, ue.param, ue.header}
+	case errors.As(err, &ue): // the backend's answer, relayed
+		k = errKind{ue.status, cmp.Or(ue.typ, "invalid_request_error")}
 		switch {
 		case ue.status == http.StatusTooManyRequests:
-			e.typ = "rate_limit_error"
+			k.typ = "rate_limit_error"
 		case ue.status == http.StatusUnauthorized:
-			e.typ = "authentication_error"
+			k.typ = "authentication_error"
 		case ue.status >= 500:
-			e.status, e.typ = http.StatusBadGateway, "api_error"
+			k = *errBackend
 		}
-		return e
+		return k, ue.code, ue.param, ue.header
 	case errors.As(err, &ae):
-		k := errorKinds[ae.kind]
-		return errorInfo{k.status, k.typ, ae.code, ae.param, ae.header}
+		return *ae.kind, ae.code, ae.param, ae.header
 	case errors.As(err, &tooBig):
-		return errorInfo{status: 413, typ: "invalid_request_error", code: "request_too_large"}
+		return *errTooLarge, "request_too_large", "", nil
 	case errors.Is(err, errLoginRequired):
-		return errorInfo{status: 401, typ: "authentication_error", code: "login_required"}
+		return *errUnauthorized, "login_required", "", nil
 	case errors.Is(err, context.DeadlineExceeded):
-		return errorInfo{status: 504, typ: "api_error", code: "timeout"}
+		return errKind{504, "api_error"}, "timeout", "", nil
 	}
-	return errorInfo{status: 500, typ: "api_error", code: "internal_error"}
-}
-
-// errorObject is the OpenAI error object; empty code and param are null.
-func errorObject(err error) map[string]any {
-	e := describe(err)
-	orNull := func(s string) any {
-		if s == "" {
-			return nil
-		}
-		return s
-	}
-	return map[string]any{"message": err.Error(), "type": e.typ, "param": orNull(e.param), "code": orNull(e.code)}
+	return errKind{500, "api_error"}, "internal_error", "", nil
 }
 
 // anthropicTypes are the Anthropic error types by status; any other is api_error. An overload
@@ -138,60 +103,64 @@ var anthropicTypes = map[int]string{400: "invalid_request_error", 401: "authenti
 	404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
 	503: "overloaded_error"}
 
-// errorBody is the error body of each API: OpenAI's shape, or Anthropic's.
+// errorBody is the error body of each API: OpenAI's shape (code and param null when empty),
+// or Anthropic's.
 func errorBody(api int, err error) map[string]any {
-	if api != apiMessages {
-		return map[string]any{"error": errorObject(err)}
+	k, code, param, _ := describe(err)
+	if api == apiMessages {
+		return map[string]any{"type": "error", "error": map[string]any{"message": err.Error(),
+			"type": cmp.Or(anthropicTypes[k.status], "api_error")}}
 	}
-	return map[string]any{"type": "error", "error": map[string]any{"message": err.Error(),
-		"type": cmp.Or(anthropicTypes[describe(err).status], "api_error")}}
+	e := map[string]any{"message": err.Error(), "type": k.typ, "param": nil, "code": nil}
+	for key, v := range map[string]string{"param": param, "code": code} {
+		if v != "" {
+			e[key] = v
+		}
+	}
+	return map[string]any{"error": e}
 }
 
-// errorEvent is the final event of a stream that failed after it began: it carries an error
-// object and is never followed by a clean end.
+// errorEvent is the last event of a stream that failed after it began: it carries the error
+// and is never followed by a clean end.
 func errorEvent(api int, err error) (string, []byte) {
+	body := errorBody(api, err)
 	switch api {
 	case apiChat:
-		return "", marshal(errorBody(api, err))
-	case apiMessages:
-		return "error", marshal(errorBody(api, err))
+		return "", marshal(body)
+	case apiResponses: // the Responses stream's error event, with the error object beside it
+		e := body["error"].(map[string]any)
+		body = map[string]any{"type": "error", "code": e["code"], "message": e["message"], "error": e}
 	}
-	e := errorObject(err) // the Responses stream's error event, with the error object beside it
-	return "error", marshal(map[string]any{"type": "error", "code": e["code"], "message": e["message"], "error": e})
+	return "error", marshal(body)
 }
 
-// apiOf is the API a path speaks, for errors answered before a call is parsed.
-func apiOf(r *http.Request) int {
-	if strings.Contains(r.URL.Path, "/messages") {
-		return apiMessages
-	}
-	return apiResponses
-}
-
-// writeError is the one place errors become responses. A client that went away gets nothing,
-// and its leaving is logged as its doing, not as a failure.
+// writeError is the one place errors become responses. A client that went away gets nothing.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	if clientGone(r, err) {
 		return
 	}
-	e := describe(err)
-	info(r).err = err.Error()
-	if !info(r).bodyRead && r.ContentLength != 0 {
+	k, _, _, header := describe(err)
+	if ri := info(r); !ri.bodyRead && r.ContentLength != 0 {
 		// Answered before its body was read (a wrong Host or key, an unknown route, a body too
 		// large or too slow): close the connection at once rather than wait for the body.
 		w.Header().Set("Connection", "close")
 		http.NewResponseController(w).SetReadDeadline(time.Now())
 	}
-	maps.Copy(w.Header(), e.header)
+	info(r).err = err.Error()
+	maps.Copy(w.Header(), header)
 	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(e.status)
-	w.Write(marshal(errorBody(apiOf(r), err)))
+	w.WriteHeader(k.status)
+	api := apiResponses
+	if strings.Contains(r.URL.Path, "/messages") {
+		api = apiMessages
+	}
+	w.Write(marshal(errorBody(api, err)))
 }
 
-// clientGone reports whether err comes from the client going away, and if so notes it: it is
-// the client's doing, logged at debug and never answered as a backend failure.
+// clientGone reports whether err comes from the client going away, and then notes it: it is
+// the client's doing, logged at debug, never answered as a backend failure. A body that
+// stopped arriving ends the request's context too, but it is answered (408).
 func clientGone(r *http.Request, err error) bool {
-	// A body that stopped arriving ends the request's context too, but it is answered (408).
 	if r.Context().Err() == nil && !errors.Is(err, context.Canceled) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return false
 	}
@@ -201,58 +170,61 @@ func clientGone(r *http.Request, err error) bool {
 	return true
 }
 
+// handlerFunc is a handler that returns its error, which ServeHTTP answers.
+type handlerFunc func(w http.ResponseWriter, r *http.Request) error
+
+func (f handlerFunc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if err := f(w, r); err != nil {
+		writeError(w, r, err)
+	}
+}
+
 // newServer builds the proxy's HTTP handler: the routes of addRoutes behind the middleware
 // that every request passes.
 func newServer(logger *slog.Logger, cfg config, auth *authStore, sessions *sessionStore, up *upstream,
 	models *catalog) http.Handler {
 	mux := http.NewServeMux()
-	p := &prompts{instructions: cfg.instructions, models: models, needs: map[string]string{}}
-	addRoutes(mux, cfg, auth, sessions, up, models, p)
+	addRoutes(mux, cfg, auth, sessions, up, &prompts{instructions: cfg.instructions, models: models, needs: map[string]string{}})
 	var h http.Handler = jsonNotFound(mux)
 	h = requireKey(cfg.apiKey, h)
 	h = checkHost(cfg.apiKey, cfg.host, h)
-	h = logRequests(logger, h)
-	return h
+	return logRequests(logger, h)
 }
 
 // addRoutes is the whole API surface.
-func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessionStore, up *upstream,
-	models *catalog, p *prompts) {
-	codex := func(h http.Handler) http.Handler {
-		if cfg.codexEnabled {
-			return h
+func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessionStore, up *upstream, p *prompts) {
+	handle := func(pattern string, h http.Handler) {
+		if !cfg.codexEnabled && strings.Contains(pattern, " /codex") {
+			h = handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				return &apiError{kind: errUnavailable, code: "codex_disabled", msg: "the /codex routes are " +
+					"disabled: run `ccproxy config codex --enable` and restart `ccproxy serve`"}
+			})
 		}
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			writeError(w, r, &apiError{kind: errUnavailable, code: "codex_disabled", msg: "the /codex routes are " +
-				"disabled: run `ccproxy config codex --enable` and restart `ccproxy serve`"})
-		})
+		mux.Handle(pattern, h)
 	}
 	b := &bodies{max: cfg.maxInflight, idle: cfg.bodyTimeout}
-	turn := codex(handleTurn(sessions, up, p, b, cfg))
+	turn := handleTurn(sessions, up, p, b, cfg)
 	for _, path := range []string{"/codex", "/codex/v1", "/codex/{session_id}"} {
-		mux.Handle("POST "+path+"/chat/completions", turn)
-		mux.Handle("POST "+path+"/responses", turn)
-		mux.Handle("POST "+path+"/messages", turn)
+		handle("POST "+path+"/chat/completions", turn)
+		handle("POST "+path+"/responses", turn)
+		handle("POST "+path+"/messages", turn)
 	}
-	mux.Handle("POST /codex/images/generations", codex(handleImages(up, p, b, cfg.imageModel)))
-	mux.Handle("POST /codex/v1/images/generations", codex(handleImages(up, p, b, cfg.imageModel)))
-	mux.Handle("POST /codex/messages/count_tokens", codex(handleCountTokens(b, cfg.claude)))
-	mux.Handle("POST /codex/v1/messages/count_tokens", codex(handleCountTokens(b, cfg.claude)))
-	mux.Handle("GET /codex/models", codex(handleModels(models)))
-	mux.Handle("GET /codex/v1/models", codex(handleModels(models)))
-	for _, path := range []string{"/codex/responses/{id}", "/codex/v1/responses/{id}"} {
-		mux.Handle("GET "+path, codex(handleStored(sessions, false)))
-		mux.Handle("GET "+path+"/input_items", codex(handleStored(sessions, true)))
-		mux.Handle("DELETE "+path, codex(handleStoredDelete(sessions)))
+	for _, path := range []string{"/codex", "/codex/v1"} {
+		handle("POST "+path+"/images/generations", handleImages(up, p, b, cfg.imageModel))
+		handle("POST "+path+"/messages/count_tokens", handleCountTokens(b, cfg.claude))
+		handle("GET "+path+"/models", handleModels(p.models))
+		handle("GET "+path+"/responses/{id}", handleStored(sessions, false))
+		handle("GET "+path+"/responses/{id}/input_items", handleStored(sessions, true))
+		handle("DELETE "+path+"/responses/{id}", handleStoredDelete(sessions))
 	}
-	mux.Handle("GET /codex/sessions", codex(handleSessionList(sessions)))
-	mux.Handle("GET /codex/sessions/{id}", codex(handleSessionGet(sessions)))
-	mux.Handle("DELETE /codex/sessions/{id}", codex(handleSessionDelete(sessions)))
-	mux.Handle("GET /codex/usage", codex(handleUsage(up)))
-	mux.Handle("GET /health", handleHealth(auth))
+	handle("GET /codex/sessions", handleSessions(sessions))
+	handle("GET /codex/sessions/{id}", handleSessions(sessions))
+	handle("DELETE /codex/sessions/{id}", handleSessions(sessions))
+	handle("GET /codex/usage", handleUsage(up))
+	handle("GET /health", handleHealth(auth))
 }
 
-// reqInfo is what the request's log line reports; handlers fill in the model.
+// reqInfo is what the request's log line reports; handlers fill it in.
 type reqInfo struct {
 	id       string
 	logger   *slog.Logger
@@ -325,21 +297,20 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // checkHost refuses requests addressed to a name other than this machine, so a web page cannot
-// reach the proxy through DNS rebinding. With an API key the key is the protection and any
-// Host is accepted.
+// reach the proxy through DNS rebinding. With an API key the key is the protection.
 func checkHost(apiKey secret, bound string, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		host, _, err := net.SplitHostPort(r.Host)
 		if err != nil {
 			host = r.Host
 		}
 		if apiKey == "" && !isLoopback(host) && !strings.EqualFold(strings.TrimSuffix(host, "."), bound) {
-			writeError(w, r, &apiError{kind: errForbidden, code: "host_not_allowed", msg: fmt.Sprintf("Host %q "+
-				"is not allowed: ccproxy answers only requests addressed to localhost (DNS-rebinding "+
-				"protection); set --api-key to accept other names", r.Host)})
-			return
+			return &apiError{kind: errForbidden, code: "host_not_allowed", msg: fmt.Sprintf("Host %q is not allowed: "+
+				"ccproxy answers only requests addressed to localhost (DNS-rebinding protection); set --api-key "+
+				"to accept other names", r.Host)}
 		}
 		next.ServeHTTP(w, r)
+		return nil
 	})
 }
 
@@ -348,39 +319,38 @@ func requireKey(key secret, next http.Handler) http.Handler {
 	if key == "" {
 		return next
 	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 		if !strings.EqualFold(scheme, "Bearer") { // schemes are case-insensitive (RFC 9110 §11.1)
 			got = r.Header.Get("X-Api-Key")
 		}
 		if subtle.ConstantTimeCompare([]byte(got), []byte(key)) != 1 {
-			writeError(w, r, &apiError{kind: errUnauthorized, code: "invalid_api_key", msg: "missing or wrong " +
-				"API key: send Authorization: Bearer <key> with the key given to --api-key"})
-			return
+			return &apiError{kind: errUnauthorized, code: "invalid_api_key", msg: "missing or wrong API key: " +
+				"send Authorization: Bearer <key> (or x-api-key) with the key given to --api-key"}
 		}
 		next.ServeHTTP(w, r)
+		return nil
 	})
 }
 
-// jsonNotFound answers unmatched paths and methods in the OpenAI error shape, keeping the mux's
+// jsonNotFound answers unmatched paths and methods in the API error shape, keeping the mux's
 // status and Allow header.
 func jsonNotFound(mux *http.ServeMux) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		h, pattern := mux.Handler(r)
 		if pattern != "" {
 			mux.ServeHTTP(w, r)
-			return
+			return nil
 		}
 		rec := muxDecision{}
 		h.ServeHTTP(rec, r)
-		if allow := rec.Get("Allow"); allow != "" {
+		if allow := http.Header(rec).Get("Allow"); allow != "" {
 			w.Header().Set("Allow", allow)
-			writeError(w, r, &apiError{kind: errMethod, code: "method_not_allowed",
-				msg: fmt.Sprintf("%s is not allowed on %s (allowed: %s)", r.Method, r.URL.Path, allow)})
-			return
+			return &apiError{kind: errMethod, code: "method_not_allowed",
+				msg: fmt.Sprintf("%s is not allowed on %s (allowed: %s)", r.Method, r.URL.Path, allow)}
 		}
-		writeError(w, r, &apiError{kind: errNotFound, code: "not_found", msg: fmt.Sprintf("no route for %s %s: "+
-			"see GET /codex/v1/models, POST /codex/v1/chat/completions, POST /codex/v1/responses", r.Method, r.URL.Path)})
+		return &apiError{kind: errNotFound, code: "not_found", msg: fmt.Sprintf("no route for %s %s: see GET "+
+			"/codex/v1/models, POST /codex/v1/chat/completions, /codex/v1/responses, /codex/v1/messages", r.Method, r.URL.Path)}
 	})
 }
 
@@ -390,57 +360,53 @@ type muxDecision http.Header
 func (d muxDecision) Header() http.Header         { return http.Header(d) }
 func (d muxDecision) Write(b []byte) (int, error) { return len(b), nil }
 func (d muxDecision) WriteHeader(int)             {}
-func (d muxDecision) Get(k string) string         { return http.Header(d).Get(k) }
 
 // writeJSON sends v (or raw JSON bytes) with status 200.
-func writeJSON(w http.ResponseWriter, v any) {
+func writeJSON(w http.ResponseWriter, v any) error {
 	b, ok := v.([]byte)
 	if !ok {
 		b = marshal(v)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Write(b)
+	return nil
 }
 
 // handleHealth reports liveness and whether credentials are present.
 func handleHealth(auth *authStore) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, map[string]any{"status": "ok", "logged_in": auth.loggedIn()})
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		return writeJSON(w, map[string]any{"status": "ok", "logged_in": auth.loggedIn()})
 	})
 }
 
-// handleTurn answers Chat Completions and Responses requests. The path of one request: parse
-// the body into a call, check it against the model's catalog entry, open its session, send the
-// one upstream request, read the backend's stream into a turn while the renderer writes it,
-// save the turn, end the answer.
+// handleTurn answers Chat Completions, Responses and Anthropic Messages requests. The path of
+// one request: parse the body into a call, check it against the model's catalog entry, expand
+// its references, open its session, send the one upstream request, read the backend's stream
+// into a turn while the renderer writes it, save the turn, end the answer.
 func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, cfg config) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		c, release, err := readCall(w, r, b, cfg.claude)
 		defer release()
 		if err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
 		m := p.models.find(r.Context(), c.model)
-		if err = check(c, m); err == nil {
-			c.input, err = sessions.expand(c.input)
+		if err := check(c, m); err != nil {
+			return err
 		}
-		if err != nil {
-			writeError(w, r, err)
-			return
+		if c.input, err = sessions.expand(c.input); err != nil {
+			return err
 		}
 		sess, sid, keep, err := openSession(r, sessions, c)
 		if err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
 		defer func() { sess.release() }()
 		input, err := sess.input(c.input)
 		if err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
-		if !keep { // a previous_response_id followed with store:false: read, not written
+		if !keep { // previous_response_id with store:false: read, not written
 			sess.release()
 			sess = nil
 		}
@@ -450,25 +416,25 @@ func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, cfg
 		}
 		out := newRenderer(w, r, c, cfg.reasoning, cfg.keepalive)
 		var t turn
-		err = exchange(r.Context(), up, p, c, input, m, sid, &t, out, w.Header())
 		var object []byte // the Responses object, kept and sent
-		if err == nil && c.api == apiResponses {
-			object = responseObject(&t, c)
-		}
-		if err == nil {
+		if err = exchange(r.Context(), up, p, c, input, m, sid, &t, out, w.Header()); err == nil {
+			if c.api == apiResponses {
+				object = responseObject(&t, c)
+			}
 			err = sess.commit(input, t.items, t.id, object, len(c.input))
 		}
 		if err != nil {
 			out.fail(err)
-			return
+		} else {
+			out.end(&t, object)
 		}
-		out.end(&t, object)
+		return nil
 	})
 }
 
 // exchange sends the call's request and reads the backend's stream into t. Overload that the
 // backend reports inside the stream before any output is retried like a 5xx, with the same
-// bounded backoff: nothing of it has reached the client (openai/codex#43337).
+// bounded backoff: none of it has reached the client (openai/codex#43337).
 func exchange(ctx context.Context, up *upstream, p *prompts, c *call, input []json.RawMessage,
 	m *catalogModel, sid string, t *turn, out renderer, h http.Header) error {
 	for attempt := 0; ; attempt++ {
@@ -491,9 +457,10 @@ func exchange(ctx context.Context, up *upstream, p *prompts, c *call, input []js
 	}
 }
 
-// readCall reads a chat or Responses body into a call. A body with "messages" is a chat
-// request on either path. Invalid UTF-8, which can only be inside strings, becomes U+FFFD,
-// as encoding/json decodes it: one rule for every API, and no raw bytes upstream or on disk.
+// readCall reads a body into a call, as the path's API: a body with "messages" is a chat
+// request on the Responses paths too. Invalid UTF-8, which can only be inside strings,
+// becomes U+FFFD, as encoding/json decodes it: one rule for every API, and no raw bytes
+// upstream or on disk.
 func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeModels) (*call, func(), error) {
 	body, release, err := b.read(w, r)
 	if err != nil {
@@ -507,9 +474,7 @@ func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeMo
 		defer b.heavy.Unlock()
 	}
 	ri := info(r)
-	if ri.logger.Enabled(r.Context(), slog.LevelDebug) {
-		ri.logger.Debug("request body", "body", redact(body))
-	}
+	ri.logger.Debug("request body", "body", redact(body))
 	var c *call
 	switch {
 	case strings.HasSuffix(r.URL.Path, "/chat/completions"):
@@ -536,23 +501,21 @@ func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeMo
 
 // openSession finds the request's session, locked for this turn, and whether the turn is to
 // be kept in it. A session named by the path or a header keeps every turn, whatever store
-// says: naming it asked for that. Otherwise a Responses request is stored, in the session
-// behind its previous_response_id or a new automatic one, unless it says store:false. A chat
-// request without a session is not stored: chat clients resend their history and cannot
-// name a stored turn.
+// says: naming it asked for that. Otherwise a Responses request is stored, in the session of
+// its previous_response_id or a new automatic one, unless it says store:false. Chat and
+// Anthropic requests without a session are not stored: their clients resend the history.
 func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, string, bool, error) {
 	// The Codex CLI sends "session-id" (2026) or "session_id" (2025).
 	id := cmp.Or(r.PathValue("session_id"), r.Header.Get("Session-Id"), r.Header.Get("Session_id"),
 		r.Header.Get("X-Session-Id"))
 	keep := id != "" || c.store == nil || *c.store
-	if c.previousID != "" {
+	switch {
+	case c.previousID != "":
 		sess, err := sessions.acquireResponse(r.Context(), c.previousID)
 		if err != nil {
 			return nil, "", false, err
 		}
 		return sess, sess.id(), keep, nil
-	}
-	switch {
 	case id == "" && c.api != apiResponses:
 		return nil, conversationID(c, r), false, nil
 	case !keep:
@@ -563,9 +526,9 @@ func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, st
 	return sess, id, true, err
 }
 
-// conversationID names a chat conversation that has no session: a hash of its opening (the
-// system prompt and the first user message) and of the client's key, so a client that resends
-// its history hits the backend's prompt cache on every turn, and two clients never share one.
+// conversationID names a conversation that has no session: a hash of its opening (the system
+// prompt and the first user message) and of the client's key, so a client that resends its
+// history hits the backend's prompt cache on every turn, and two clients never share one.
 func conversationID(c *call, r *http.Request) string {
 	h := sha256.New()
 	io.WriteString(h, r.Header.Get("Authorization")+"\x00"+r.Header.Get("X-Api-Key"))
@@ -586,15 +549,14 @@ func newUUID() string {
 
 // uuid formats the first 16 bytes of b as a version 4 UUID.
 func uuid(b []byte) string {
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
+	b[6], b[8] = b[6]&0x0f|0x40, b[8]&0x3f|0x80
 	h := hex.EncodeToString(b[:16])
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-// bodies bounds the bytes of request bodies held at once (--max-inflight-bytes): a body is
-// counted from its first byte until its handler returns, so many large uploads at once cannot
-// exhaust memory; beyond the bound a request gets a 503 with Retry-After.
+// bodies bounds the bytes of request bodies held at once (--max-inflight-bytes), from their
+// first byte until their handler returns, so that many large uploads at once cannot exhaust
+// memory: beyond the bound a request gets a 503 with Retry-After.
 type bodies struct {
 	mu        sync.Mutex
 	held, max int64
@@ -613,23 +575,16 @@ func (b *bodies) take(n int64) bool {
 	return true
 }
 
-// give releases n bytes.
-func (b *bodies) give(n int64) {
-	b.mu.Lock()
-	b.held -= n
-	b.mu.Unlock()
-}
-
 // errBodiesFull is the error of a body that does not fit the bound.
 var errBodiesFull = &apiError{kind: errUnavailable, code: "server_busy", header: http.Header{"Retry-After": {"5"}},
 	msg: "ccproxy is holding as many request bodies as --max-inflight-bytes allows; retry in a few seconds"}
 
-// readBody reads the request body, up to maxBodyBytes, within the bound of b. A body that
-// stops arriving for b.idle is cut off with a 408; one the client breaks (a malformed chunk,
-// a cut) is a 400. The bytes count against b until release.
+// read reads the request body, up to maxBodyBytes, within the bound. A body that stops
+// arriving for b.idle is cut off with a 408; one the client breaks (a malformed chunk, a cut)
+// is a 400. Its bytes count against the bound until release.
 func (b *bodies) read(w http.ResponseWriter, r *http.Request) (body []byte, release func(), err error) {
 	var held int64
-	release = func() { b.give(held) }
+	release = func() { b.take(-held) }
 	rc := http.NewResponseController(w)
 	defer rc.SetReadDeadline(time.Time{}) // the connection's idle reads are the server's again
 	src := &stallReader{http.MaxBytesReader(w, r.Body, maxBodyBytes), rc, b.idle}
@@ -644,11 +599,10 @@ func (b *bodies) read(w http.ResponseWriter, r *http.Request) (body []byte, rele
 		_, err = io.ReadFull(src, body)
 	default: // chunked: counted as it arrives
 		var buf bytes.Buffer
-		for err == nil {
+		for ; err == nil; held += 16 << 10 {
 			if !b.take(16 << 10) {
 				return nil, release, errBodiesFull
 			}
-			held += 16 << 10
 			_, err = io.CopyN(&buf, src, 16<<10)
 		}
 		if body = buf.Bytes(); errors.Is(err, io.EOF) {
@@ -660,8 +614,8 @@ func (b *bodies) read(w http.ResponseWriter, r *http.Request) (body []byte, rele
 	switch {
 	case err == nil, errors.As(err, &tooBig):
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		err = &apiError{kind: errTimeout, code: "body_timeout", cause: err, msg: fmt.Sprintf(
-			"the request body stopped arriving for %s; send it whole", b.idle)}
+		err = &apiError{kind: errTimeout, code: "body_timeout", cause: err,
+			msg: fmt.Sprintf("the request body stopped arriving for %s; send it whole", b.idle)}
 	default:
 		err = &apiError{kind: errInvalid, code: "bad_body", cause: err, msg: "could not read the request body: " + err.Error()}
 	}
@@ -687,9 +641,16 @@ var redactPattern = regexp.MustCompile(
 	`(?i)("[^"]*(?:token|secret|password|api_?key|authorization|result|b64_json|image)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"`)
 
 // redact hides secret-looking values in a body logged at debug level.
-func redact(body []byte) string {
-	return redactPattern.ReplaceAllString(string(body[:min(len(body), 16<<10)]), `$1"REDACTED"`)
+func redact(body []byte) slog.LogValuer {
+	return lazyLog(func() string {
+		return redactPattern.ReplaceAllString(string(body[:min(len(body), 16<<10)]), `$1"REDACTED"`)
+	})
 }
+
+// lazyLog is a log value computed only when its record is written.
+type lazyLog func() string
+
+func (f lazyLog) LogValue() slog.Value { return slog.StringValue(f()) }
 
 // renderer writes one client API's answer while the turn grows.
 type renderer interface {
@@ -702,8 +663,7 @@ type renderer interface {
 
 // newRenderer picks the renderer for the call: a JSON answer, or a stream of chat chunks, of
 // Anthropic events, or of the backend's own events for a native Responses client.
-func newRenderer(w http.ResponseWriter, r *http.Request, c *call, mode reasoningMode,
-	keepalive time.Duration) renderer {
+func newRenderer(w http.ResponseWriter, r *http.Request, c *call, mode reasoningMode, keepalive time.Duration) renderer {
 	id, created := info(r).id, time.Now().Unix()
 	if !c.stream {
 		return &jsonRenderer{w: w, r: r, c: c, id: id, created: created, mode: mode}
@@ -737,23 +697,20 @@ func (o *jsonRenderer) piece(*piece)   {}
 func (o *jsonRenderer) event(*event)   {}
 func (o *jsonRenderer) flush()         {}
 func (o *jsonRenderer) fail(err error) { writeError(o.w, o.r, err) }
-func (o *jsonRenderer) end(t *turn, object []byte) {
-	b := object
+func (o *jsonRenderer) end(t *turn, b []byte) {
 	switch o.c.api {
 	case apiChat:
 		b = chatCompletion(t, "chatcmpl-"+o.id, o.created, o.c.model, o.mode, o.c.jsonMode)
 	case apiMessages:
 		b = anthropicMessage(t, "msg_"+o.id, o.c.clientModel)
 	}
-	if ri := info(o.r); ri.logger.Enabled(o.r.Context(), slog.LevelDebug) {
-		ri.logger.Debug("response body", "body", redact(b))
-	}
+	info(o.r).logger.Debug("response body", "body", redact(b))
 	writeJSON(o.w, b)
 }
 
 // streamRenderer streams chat chunks or Anthropic events as the reply grows, or relays the
 // backend's events to a native client. The closing events wait until the turn is saved, so a
-// failed save still ends the stream with an error and never with a clean end.
+// failed save still ends the stream with an error, never with a clean end.
 type streamRenderer struct {
 	sw          *sseWriter
 	r           *http.Request
@@ -797,8 +754,8 @@ func (o *streamRenderer) end(t *turn, obj []byte) {
 	o.sw.close()
 }
 
-// fail ends the stream with an error event, which the SDKs raise, and never with a clean end.
-// Before the stream began the error is an ordinary HTTP error.
+// fail ends the stream with an error event, which the SDKs raise. Before the stream began the
+// error is an ordinary HTTP error.
 func (o *streamRenderer) fail(err error) {
 	if !o.sw.close() {
 		writeError(o.sw.w, o.r, err)
@@ -817,7 +774,7 @@ type prompts struct {
 	instructions instructions
 	models       *catalog
 	mu           sync.Mutex
-	needs        map[string]string // auto mode: what the backend insisted on, per model
+	needs        map[string]string // auto mode: what the backend insisted on, by model
 }
 
 // prompt says how the call's request carries instructions. In every mode but none the client's
@@ -858,23 +815,25 @@ func (p *prompts) send(ctx context.Context, up *upstream, c *call, input []json.
 	if p.instructions.mode != "auto" || !errors.As(err, &ue) || ue.status != 400 {
 		return resp, err
 	}
-	need := ""
 	switch msg := strings.ToLower(ue.msg); {
 	case pr.key == nil && strings.Contains(msg, "instructions are required"):
-		need = "empty"
+		p.setNeed(c.model, "empty")
 	case (pr.key == nil || *pr.key == "") && strings.Contains(msg, "instructions are not valid"):
-		need = "catalog"
+		p.setNeed(c.model, "catalog")
 	default:
 		return resp, err
 	}
-	p.mu.Lock()
-	p.needs[c.model] = need
-	p.mu.Unlock()
-	if pr, perr := p.prompt(ctx, c); perr != nil {
-		return nil, fmt.Errorf("%w (and fetching the model's instructions failed: %w)", err, perr)
-	} else {
-		return up.send(ctx, buildRequest(c, input, m, pr, sid))
+	if pr, err = p.prompt(ctx, c); err != nil {
+		return nil, fmt.Errorf("%w (and fetching the model's instructions failed: %w)", ue, err)
 	}
+	return up.send(ctx, buildRequest(c, input, m, pr, sid))
+}
+
+// setNeed remembers what the backend insisted on for model.
+func (p *prompts) setNeed(model, need string) {
+	p.mu.Lock()
+	p.needs[model] = need
+	p.mu.Unlock()
 }
 
 // handleModels lists the catalog's visible models in OpenAI format.
@@ -885,7 +844,7 @@ func handleModels(models *catalog) http.Handler {
 		Created int64  `json:"created"`
 		OwnedBy string `json:"owned_by"`
 	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		list, err := models.list(r.Context())
 		if err != nil {
 			info(r).logger.Warn("serving cached or built-in models", "err", err)
@@ -896,15 +855,14 @@ func handleModels(models *catalog) http.Handler {
 				data = append(data, model{ID: m.Slug, Object: "model", OwnedBy: "openai"})
 			}
 		}
-		writeJSON(w, map[string]any{"object": "list", "data": data})
+		return writeJSON(w, map[string]any{"object": "list", "data": data})
 	})
 }
 
 // handleImages answers the OpenAI Images API: n turns with the backend's image_generation
-// tool, run in parallel, none of them stored. The first failure, or the client leaving, ends
-// the others.
+// tool, in parallel, none of them stored. The first failure, or the client leaving, ends all.
 func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		body, release, err := b.read(w, r)
 		defer release()
 		var c *call
@@ -913,8 +871,7 @@ func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handle
 			c, n, err = parseImages(body, model)
 		}
 		if err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
 		info(r).model = c.model
 		m := p.models.find(r.Context(), c.model)
@@ -935,24 +892,22 @@ func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handle
 		}
 		answer, err := imagesAnswer(turns, time.Now().Unix())
 		if err = cmp.Or(context.Cause(ctx), err); err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
-		writeJSON(w, answer)
+		return writeJSON(w, answer)
 	})
 }
 
 // handleCountTokens answers the Anthropic token count with an estimate: a quarter of the bytes
 // of the translated input and tools, about four bytes a token for English text and JSON.
 func handleCountTokens(b *bodies, claude claudeModels) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		c, release, err := readCall(w, r, b, claude)
 		defer release()
 		if err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
-		writeJSON(w, map[string]int64{"input_tokens": (sizeOf(c.input) + sizeOf(c.tools) + 3) / 4})
+		return writeJSON(w, map[string]int64{"input_tokens": (sizeOf(c.input) + sizeOf(c.tools) + 3) / 4})
 	})
 }
 
@@ -960,21 +915,17 @@ func handleCountTokens(b *bodies, claude claudeModels) http.Handler {
 // (order, after and limit as the OpenAI API takes them). Stored items have no ids of their
 // own, so listed ones are named by their place.
 func handleStored(sessions *sessionStore, inputItems bool) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		e, items, err := sessions.stored(r.PathValue("id"))
-		if err != nil {
-			writeError(w, r, err)
-			return
-		}
-		if !inputItems {
-			writeJSON(w, []byte(e.Response))
-			return
-		}
 		q := r.URL.Query()
-		limit, err := strconv.Atoi(cmp.Or(q.Get("limit"), "20"))
-		if err != nil || limit < 1 || limit > 100 {
-			writeError(w, r, invalid("limit", "Invalid value for 'limit': expected an integer from 1 to 100."))
-			return
+		limit, lerr := strconv.Atoi(cmp.Or(q.Get("limit"), "20"))
+		switch {
+		case err != nil:
+			return err
+		case !inputItems:
+			return writeJSON(w, []byte(e.Response))
+		case lerr != nil || limit < 1 || limit > 100:
+			return invalid("limit", "Invalid value for 'limit': expected an integer from 1 to 100.")
 		}
 		var ids []string
 		var list []json.RawMessage
@@ -998,71 +949,55 @@ func handleStored(sessions *sessionStore, inputItems bool) http.Handler {
 		if n > 0 {
 			page["first_id"], page["last_id"] = ids[0], ids[n-1]
 		}
-		writeJSON(w, page)
+		return writeJSON(w, page)
 	})
 }
 
 // handleStoredDelete forgets a stored response.
 func handleStoredDelete(sessions *sessionStore) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if err := sessions.deleteResponse(r.PathValue("id")); err != nil {
+			return err
+		}
+		return writeJSON(w, map[string]any{"id": r.PathValue("id"), "object": "response", "deleted": true})
+	})
+}
+
+// handleSessions lists the live sessions, shows one with its transcript, or drops one.
+func handleSessions(sessions *sessionStore) http.Handler {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		id := r.PathValue("id")
-		if err := sessions.deleteResponse(id); err != nil {
-			writeError(w, r, err)
-			return
+		switch {
+		case id == "":
+			list, err := sessions.list()
+			if err != nil {
+				return err
+			}
+			return writeJSON(w, map[string]any{"object": "list", "data": append([]sessionInfo{}, list...)})
+		case r.Method == http.MethodDelete:
+			if err := sessions.delete(id); err != nil {
+				return err
+			}
+			return writeJSON(w, map[string]any{"id": id, "object": "session", "deleted": true})
 		}
-		writeJSON(w, map[string]any{"id": id, "object": "response", "deleted": true})
-	})
-}
-
-// handleSessionList lists live sessions.
-func handleSessionList(sessions *sessionStore) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		list, err := sessions.list()
+		si, items, err := sessions.get(id)
 		if err != nil {
-			writeError(w, r, err)
-			return
+			return err
 		}
-		if list == nil {
-			list = []sessionInfo{}
-		}
-		writeJSON(w, map[string]any{"object": "list", "data": list})
-	})
-}
-
-// handleSessionGet shows one session and its transcript.
-func handleSessionGet(sessions *sessionStore) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		si, items, err := sessions.get(r.PathValue("id"))
-		if err != nil {
-			writeError(w, r, err)
-			return
-		}
-		writeJSON(w, struct {
+		return writeJSON(w, struct {
 			sessionInfo
 			Transcript []json.RawMessage `json:"transcript"`
 		}{si, items})
 	})
 }
 
-// handleSessionDelete drops a session.
-func handleSessionDelete(sessions *sessionStore) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		id := r.PathValue("id")
-		if err := sessions.delete(id); err != nil {
-			writeError(w, r, err)
-			return
-		}
-		writeJSON(w, map[string]any{"id": id, "object": "session", "deleted": true})
-	})
-}
-
 // handleUsage reports the plan's rate-limit windows.
 func handleUsage(up *upstream) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		report, err := up.report(r.Context())
 		if err != nil {
 			info(r).logger.Warn("usage unavailable", "err", err)
 		}
-		writeJSON(w, report)
+		return writeJSON(w, report)
 	})
 }

@@ -239,6 +239,8 @@ func writeEvents(w http.ResponseWriter, events []string) {
 	w.Header().Set("X-Codex-Plan-Type", "plus")
 	w.Header().Set("X-Codex-Primary-Used-Percent", "12")
 	w.Header().Set("X-Codex-Primary-Window-Minutes", "300")
+	w.Header().Set("X-Codex-Credits-Has-Credits", "False")
+	w.Header().Set("X-Codex-Credits-Balance", "0")
 	for _, e := range events {
 		io.WriteString(w, e)
 		http.NewResponseController(w).Flush()
@@ -1763,8 +1765,9 @@ func TestUsage(t *testing.T) {
 		t.Errorf("usage before any reply = %s; want the usage endpoint's pro plan", body)
 	}
 	p.post(t, "/codex/v1/chat/completions", `{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}`)
-	if _, body = p.get(t, "/codex/usage"); decode(t, body)["plan"] != "plus" {
-		t.Errorf("usage after a reply = %s; want the headers' plus plan", body)
+	if _, body = p.get(t, "/codex/usage"); decode(t, body)["plan"] != "plus" ||
+		jsonPath(decode(t, body), "credits", "balance") != 0.0 || jsonPath(decode(t, body), "credits", "has_credits") != false {
+		t.Errorf("usage after a reply = %s; want the headers' plus plan, no credits, balance 0", body)
 	}
 	env := map[string]string{"CODEX_HOME": filepath.Dir(p.cfg.authPath), "CCPROXY_HOME": t.TempDir(), "CCPROXY_UPSTREAM_URL": fb.URL + "/codex"}
 	stdout, stderr, code := runCmd(t, env, "usage")

@@ -58,6 +58,7 @@ type session struct {
 	onDisk   bool          // a committed file exists
 	counts   *sessionInfo  // list's counts, nil until the file has been read
 	data     *sessionData  // nil while not loaded
+	resent   bool          // this turn's input was the whole history; set by input, kept by commit
 }
 
 // sessionData is an immutable snapshot of a transcript.
@@ -68,6 +69,7 @@ type sessionData struct {
 	latest    string
 	itemIDs   []string // ids of output items that item_reference may name (responses/ files)
 	outputAt  int      // where the latest turn's output begins: calls there may await outputs
+	resends   bool     // the client sends its whole history: a rewritten one replaces the transcript
 }
 
 // sessionFile is a session's file. Items come last so that encodeSession can
@@ -78,6 +80,7 @@ type sessionFile struct {
 	Latest    string            `json:"latest_response_id"`
 	Responses map[string]int    `json:"responses"`
 	ItemIDs   []string          `json:"item_ids,omitempty"`
+	Resends   bool              `json:"resends,omitempty"`
 	Items     []json.RawMessage `json:"items"`
 }
 
@@ -445,7 +448,10 @@ func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) 
 	}
 	stored := ss.data.items
 	out := incoming
-	if len(stored) == 0 || !hasPrefix(incoming, stored) {
+	// A client that resent its history before and now sends one that diverges has rewritten
+	// it (the Codex CLI after compacting, codex-rs/core/src/compact.rs): it replaces the transcript.
+	ss.resent = len(stored) > 0 && hasPrefix(incoming, stored)
+	if !ss.resent && !ss.data.resends {
 		out = slices.Concat(stored, incoming)
 	}
 	out = closeCalls(out, min(ss.data.outputAt, len(stored)))
@@ -481,7 +487,7 @@ func (ss *session) save(sent, output []json.RawMessage, responseID string, objec
 	s := ss.st
 	items := append(make([]json.RawMessage, 0, len(sent)+len(output)), sent...)
 	d := &sessionData{created: ss.data.created, responses: maps.Clone(ss.data.responses),
-		itemIDs: ss.data.itemIDs, outputAt: len(sent)}
+		itemIDs: ss.data.itemIDs, outputAt: len(sent), resends: ss.data.resends || ss.resent}
 	var written []string
 	index := func(name string, e indexEntry) error {
 		written = append(written, filepath.Join(s.respDir, name))
@@ -664,7 +670,7 @@ func (s *sessionStore) delete(id string) error {
 // would re-validate and compact every byte of a long transcript on every turn.
 func encodeSession(id string, d *sessionData) []byte {
 	h, _ := json.Marshal(sessionFile{ID: id, CreatedAt: d.created.Unix(), Latest: d.latest, Responses: d.responses,
-		ItemIDs: d.itemIDs})
+		ItemIDs: d.itemIDs, Resends: d.resends})
 	b := append(bytes.TrimSuffix(h, []byte("null}")), '[') // Items is last and nil
 	b = slices.Grow(b, int(sizeOf(d.items))+2*len(d.items)+4)
 	for i, it := range d.items {
@@ -713,7 +719,7 @@ func parseSession(b []byte, id string) (*sessionData, error) {
 		return nil, fmt.Errorf("bad item id %q", f.ItemIDs[i])
 	}
 	return &sessionData{created: time.Unix(f.CreatedAt, 0), items: f.Items, responses: f.Responses, latest: f.Latest,
-		itemIDs: f.ItemIDs}, nil
+		itemIDs: f.ItemIDs, resends: f.Resends}, nil
 }
 
 // sizeOf is a transcript's size as counted against maxBytes.

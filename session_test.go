@@ -124,8 +124,8 @@ type shown struct {
 
 // show describes err as the client sees it.
 func show(err error) shown {
-	e := describe(err)
-	return shown{e.status, e.typ, e.code, e.param, err.Error(), e.header}
+	k, code, param, header := describe(err)
+	return shown{k.status, k.typ, code, param, err.Error(), header}
 }
 
 // wantAPIError checks that err reaches the client with the given status and code.
@@ -275,6 +275,23 @@ func TestSessionChatResend(t *testing.T) {
 	sent := sessionTurn(t, s, "chat", incoming, []json.RawMessage{assistantMsg("msg_2", "Alice.")}, "resp_2")
 	if got, want := len(sent), 3; got != want {
 		t.Errorf("len(input) = %d (%s); want %d, the resend as is", got, texts(sent), want)
+	}
+}
+
+// The Codex CLI resends its whole history, and after compacting it sends a shorter one
+// (base prompt, user turns, summary): that replaces the transcript, also after a restart.
+func TestSessionRewrittenHistory(t *testing.T) {
+	dir, clock := t.TempDir(), newFakeClock()
+	s := newTestSessionStore(t, dir, clock, 10, 0)
+	base, first := userMsg("base prompt"), userMsg("first")
+	sessionTurn(t, s, "cli", []json.RawMessage{base, first}, []json.RawMessage{assistantMsg("m1", "one")}, "resp_1")
+	sessionTurn(t, s, "cli", []json.RawMessage{base, first, assistantMsg("", "one"), userMsg("compact")},
+		[]json.RawMessage{assistantMsg("m2", "summary")}, "resp_2")
+	s = newTestSessionStore(t, dir, clock, 10, 0) // the flag survives a restart
+	compacted := []json.RawMessage{base, first, userMsg("summary"), userMsg("second")}
+	sent := sessionTurn(t, s, "cli", compacted, []json.RawMessage{assistantMsg("m3", "two")}, "resp_3")
+	if got, want := texts(sent), "user:base prompt | user:first | user:summary | user:second"; got != want {
+		t.Errorf("input after compaction = %s\nwant %s", got, want)
 	}
 }
 

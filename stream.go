@@ -461,14 +461,14 @@ func headerReport(h http.Header) usageReport {
 		return &usageWindow{num(p + "-Used-Percent"), num(p + "-Window-Minutes"), num(p + "-Reset-At"),
 			num(p + "-Reset-After-Seconds")}
 	}
-	credits := map[string]any{} // "True"/"False" flags and a balance
-	for _, k := range []string{"Has-Credits", "Unlimited", "Balance"} {
-		v, key := h.Get("X-Codex-Credits-"+k), strings.ReplaceAll(strings.ToLower(k), "-", "_")
-		if b, err := strconv.ParseBool(strings.ToLower(v)); err == nil {
-			credits[key] = b
-		} else if f, err := strconv.ParseFloat(v, 64); err == nil {
-			credits[key] = f
+	credits := map[string]any{} // "True"/"False" flags and a balance, which may be "0"
+	for _, k := range []string{"Has-Credits", "Unlimited"} {
+		if b, err := strconv.ParseBool(h.Get("X-Codex-Credits-" + k)); err == nil {
+			credits[strings.ReplaceAll(strings.ToLower(k), "-", "_")] = b
 		}
+	}
+	if f, err := strconv.ParseFloat(h.Get("X-Codex-Credits-Balance"), 64); err == nil {
+		credits["balance"] = f
 	}
 	return usageReport{Available: true, Plan: h.Get("X-Codex-Plan-Type"), ActiveLimit: h.Get("X-Codex-Active-Limit"),
 		Primary: window("Primary"), Secondary: window("Secondary"), Credits: marshal(credits)}
