@@ -1,7 +1,7 @@
-// This file holds the pure translations: a client request (Chat Completions or
-// Responses) becomes a call, a call becomes the one upstream request, backend
-// events become a turn, and a turn becomes each client API's answer. Nothing
-// here does I/O or reads a clock: ids and times are passed in.
+// This file holds the pure translations: a client request (Chat Completions, Responses,
+// Anthropic Messages or Images) becomes a call, a call becomes the one upstream request,
+// backend events become a turn, and a turn becomes each client API's answer. Nothing here
+// does I/O or reads a clock: ids and times are passed in.
 
 package main
 
@@ -25,14 +25,12 @@ import (
 // reasoningMode is how reasoning summaries appear in chat completions (--reasoning).
 type reasoningMode string
 
-// The --reasoning values.
 const (
 	reasoningTags  reasoningMode = "tags"
 	reasoningField reasoningMode = "field"
 	reasoningNone  reasoningMode = "none"
 )
 
-// UnmarshalText accepts the three modes, so the flag parser checks them.
 func (m *reasoningMode) UnmarshalText(b []byte) error {
 	if s := reasoningMode(b); s == reasoningTags || s == reasoningField || s == reasoningNone {
 		*m = s
@@ -41,7 +39,6 @@ func (m *reasoningMode) UnmarshalText(b []byte) error {
 	return errors.New("want tags, field or none")
 }
 
-// MarshalText returns the mode's name.
 func (m reasoningMode) MarshalText() ([]byte, error) { return []byte(m), nil }
 
 // encryptedReasoning is the include value that makes the backend return reasoning items it
@@ -91,20 +88,6 @@ func (c *call) ignore(name string) {
 	}
 }
 
-// setTier takes service_tier: the backend knows priority (shown as "Fast") and default; fast
-// is what Codex calls priority. Anything else it refuses, so it is dropped and named.
-func (c *call) setTier(tier string) {
-	switch tier {
-	case "":
-	case "fast", "priority":
-		c.tier = "priority"
-	case "default":
-		c.tier = tier
-	default:
-		c.ignore("service_tier")
-	}
-}
-
 // object is a JSON object decoded one level deep.
 type object map[string]json.RawMessage
 
@@ -122,7 +105,6 @@ func (r *rawJSON) UnmarshalJSON(b []byte) error {
 var chatParams = []string{"model", "messages", "stream", "stream_options", "tools", "tool_choice",
 	"parallel_tool_calls", "response_format", "reasoning_effort", "verbosity", "service_tier"}
 
-// responsesParams are the Responses members parseResponses keeps or consumes.
 var responsesParams = []string{"model", "input", "instructions", "tools", "tool_choice",
 	"parallel_tool_calls", "reasoning", "text", "include", "prompt_cache_key", "client_metadata",
 	"stream", "previous_response_id", "service_tier", "store"}
@@ -196,7 +178,17 @@ func newCall(model, tier string, ignored []string) (*call, string, error) {
 	}
 	c := &call{model: base, toolChoice: json.RawMessage(`"auto"`), include: []string{encryptedReasoning},
 		ignored: slices.DeleteFunc(ignored, func(k string) bool { return k == "service_tier" })}
-	if c.setTier(tier); fast {
+	// The backend knows priority (shown as "Fast", and what Codex calls fast) and default; it
+	// refuses anything else, which is therefore dropped and named.
+	switch tier {
+	case "", "default":
+		c.tier = tier
+	case "fast", "priority":
+		c.tier = "priority"
+	default:
+		c.ignore("service_tier")
+	}
+	if fast {
 		c.tier = "priority"
 	}
 	return c, effort, nil
@@ -221,17 +213,34 @@ func splitEffort(model string) (base, effort string) {
 	return model, ""
 }
 
-// textPart is an input_text or output_text content part.
+// textPart is an input_text, output_text or summary_text part.
 type textPart struct {
 	Type string `json:"type"`
 	Text string `json:"text"`
 }
 
-// messageItem is a Responses message input item.
 type messageItem struct {
 	Type    string `json:"type"`
 	Role    string `json:"role"`
 	Content []any  `json:"content"`
+}
+
+// message is a message input item.
+func message(role string, parts ...any) json.RawMessage {
+	return marshal(messageItem{"message", role, parts})
+}
+
+type functionCall struct {
+	Type      string `json:"type"`
+	Name      string `json:"name"`
+	Arguments string `json:"arguments"`
+	CallID    string `json:"call_id"`
+}
+
+type callOutput struct {
+	Type   string `json:"type"`
+	CallID string `json:"call_id"`
+	Output string `json:"output"`
 }
 
 // functionDef is the function of a chat tool; with a type beside it, it is a Responses tool.
@@ -242,7 +251,25 @@ type functionDef struct {
 	Strict      bool            `json:"strict"`
 }
 
-// chatRequest holds the Chat Completions members parseChat reads.
+// functionTool is a flat Responses function tool; a missing schema is an empty object schema.
+func functionTool(f functionDef) json.RawMessage {
+	if isNull(f.Parameters) {
+		f.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
+	}
+	return marshal(struct {
+		Type string `json:"type"`
+		functionDef
+	}{"function", f})
+}
+
+// jsonSchema is response_format.json_schema; with a type beside it, it is text.format.
+type jsonSchema struct {
+	Name        string          `json:"name"`
+	Description string          `json:"description,omitempty"`
+	Strict      bool            `json:"strict"`
+	Schema      json.RawMessage `json:"schema"`
+}
+
 type chatRequest struct {
 	Model         string    `json:"model"`
 	Messages      []rawJSON `json:"messages"`
@@ -258,20 +285,14 @@ type chatRequest struct {
 	ToolChoice        json.RawMessage `json:"tool_choice"`
 	ParallelToolCalls bool            `json:"parallel_tool_calls"`
 	ResponseFormat    struct {
-		Type       string `json:"type"`
-		JSONSchema struct {
-			Name        string          `json:"name"`
-			Description string          `json:"description,omitempty"`
-			Schema      json.RawMessage `json:"schema"`
-			Strict      bool            `json:"strict"`
-		} `json:"json_schema"`
+		Type       string     `json:"type"`
+		JSONSchema jsonSchema `json:"json_schema"`
 	} `json:"response_format"`
 	ReasoningEffort string `json:"reasoning_effort"`
 	Verbosity       string `json:"verbosity"`
 	ServiceTier     string `json:"service_tier"`
 }
 
-// chatMessage is one member of a Chat Completions messages array.
 type chatMessage struct {
 	Role       string  `json:"role"`
 	Content    rawJSON `json:"content"`
@@ -285,7 +306,6 @@ type chatMessage struct {
 	} `json:"tool_calls"`
 }
 
-// chatPart is one content part of a chat message.
 type chatPart struct {
 	Type       string          `json:"type"`
 	Text       string          `json:"text"`
@@ -295,7 +315,6 @@ type chatPart struct {
 	Breakpoint json.RawMessage `json:"prompt_cache_breakpoint"` // refused by the backend
 }
 
-// parseChat translates a Chat Completions body.
 func parseChat(body []byte) (*call, error) {
 	r := chatRequest{N: 1}
 	ignored, err := decodeBody(body, chatParams, &r)
@@ -345,12 +364,13 @@ func chatTools(r *chatRequest) ([]json.RawMessage, error) {
 	for i, t := range r.Tools {
 		p := "tools[" + strconv.Itoa(i) + "]"
 		if t.Type != "function" {
-			return nil, invalid(p+".type", "Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
+			return nil, invalid(p+".type",
+				"Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
 		}
 		if t.Function == nil || t.Function.Name == "" {
 			return nil, invalid(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
 		}
-		tools = append(tools, marshal(newFunctionTool(*t.Function)))
+		tools = append(tools, functionTool(*t.Function))
 	}
 	return tools, nil
 }
@@ -382,7 +402,7 @@ func (c *call) chatItems(raw json.RawMessage, param string) error {
 		return err
 	}
 	if len(parts) > 0 { // an assistant turn that only called tools has no message
-		c.input = append(c.input, marshal(messageItem{"message", role, parts}))
+		c.input = append(c.input, message(role, parts...))
 	}
 	// Calls follow the message, the order the backend produced them in.
 	for j, tc := range m.ToolCalls {
@@ -390,24 +410,10 @@ func (c *call) chatItems(raw json.RawMessage, param string) error {
 			p := param + ".tool_calls[" + strconv.Itoa(j) + "]"
 			return invalid(p, "Missing required parameter: '%s.id' or '%s.function.name'.", p, p)
 		}
-		c.input = append(c.input, marshal(functionCall{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}))
+		fc := functionCall{"function_call", tc.Function.Name, tc.Function.Arguments, tc.ID}
+		c.input = append(c.input, marshal(fc))
 	}
 	return nil
-}
-
-// functionCall is a function_call item.
-type functionCall struct {
-	Type      string `json:"type"`
-	Name      string `json:"name"`
-	Arguments string `json:"arguments"`
-	CallID    string `json:"call_id"`
-}
-
-// callOutput is a function_call_output item.
-type callOutput struct {
-	Type   string `json:"type"`
-	CallID string `json:"call_id"`
-	Output string `json:"output"`
 }
 
 // chatToolOutput appends a tool message as a function_call_output with the text of its parts.
@@ -442,10 +448,11 @@ func (c *call) chatContent(raw json.RawMessage, param, textType string, images b
 	var out []any
 	for j, p := range parts {
 		pp := param + ".content[" + strconv.Itoa(j) + "]"
-		for k, v := range map[string]json.RawMessage{"cache_control": p.Cache, "prompt_cache_breakpoint": p.Breakpoint} {
-			if !isNull(v) {
-				c.ignore(pp + "." + k)
-			}
+		if !isNull(p.Cache) {
+			c.ignore(pp + ".cache_control")
+		}
+		if !isNull(p.Breakpoint) {
+			c.ignore(pp + ".prompt_cache_breakpoint")
 		}
 		switch {
 		case p.Type == "text":
@@ -531,13 +538,11 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 			return nil, false, invalid("response_format.json_schema.schema",
 				"Missing required parameter: 'response_format.json_schema.schema'.")
 		}
+		js.Name = cmp.Or(js.Name, "response")
 		text.Format = struct {
-			Type string          `json:"type"`
-			Name string          `json:"name"`
-			Desc string          `json:"description,omitempty"`
-			Str  bool            `json:"strict"`
-			Sch  json.RawMessage `json:"schema"`
-		}{"json_schema", cmp.Or(js.Name, "response"), js.Description, js.Strict, js.Schema}
+			Type string `json:"type"`
+			jsonSchema
+		}{"json_schema", js}
 	default:
 		return nil, false, invalid("response_format.type",
 			"Invalid value for 'response_format.type': %q is not supported.", r.ResponseFormat.Type)
@@ -548,7 +553,6 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 	return marshal(text), text.Format != nil, nil
 }
 
-// responsesRequest holds the Responses members parseResponses keeps or consumes.
 type responsesRequest struct {
 	Model              string            `json:"model"`
 	Input              rawJSON           `json:"input"`
@@ -569,7 +573,7 @@ type responsesRequest struct {
 
 // parseResponses normalizes a native Responses body: members the backend takes pass through,
 // input items lose their ids and system roles. A body with "messages" and no "input" is a chat
-// request (as the guide's examples send to /responses).
+// request, which some clients send to /responses.
 func parseResponses(body []byte) (*call, error) {
 	var r responsesRequest
 	ignored, err := decodeBody(body, responsesParams, &r)
@@ -584,8 +588,8 @@ func parseResponses(body []byte) (*call, error) {
 		return nil, err
 	}
 	// Tools of every type (function, custom, namespace, web_search…) are the client's business.
-	c.tools, c.instructions, c.parallel, c.cacheKey = r.Tools, r.Instructions, r.ParallelToolCalls, r.PromptCacheKey
-	c.stream, c.previousID, c.store = r.Stream, r.PreviousResponseID, r.Store
+	c.tools, c.instructions, c.parallel = r.Tools, r.Instructions, r.ParallelToolCalls
+	c.cacheKey, c.stream, c.previousID, c.store = r.PromptCacheKey, r.Stream, r.PreviousResponseID, r.Store
 	if err := c.responsesInput(json.RawMessage(r.Input)); err != nil {
 		return nil, err
 	}
@@ -627,7 +631,7 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 	case isNull(raw):
 	case json.Unmarshal(raw, &s) == nil:
 		if s != "" {
-			c.input = []json.RawMessage{marshal(messageItem{"message", "user", []any{textPart{"input_text", s}}})}
+			c.input = []json.RawMessage{message("user", textPart{"input_text", s})}
 			return nil
 		}
 	case json.Unmarshal(raw, &items) != nil:
@@ -637,11 +641,12 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 		return invalid("input", "Missing required parameter: 'input'.")
 	}
 	for i, item := range items {
-		o, err := c.normalizeItem(json.RawMessage(item), "input["+strconv.Itoa(i)+"]")
-		switch typ := string(o["type"]); {
+		p := "input[" + strconv.Itoa(i) + "]"
+		o, err := c.normalizeItem(json.RawMessage(item), p)
+		switch {
 		case err != nil:
-			return invalid("input["+strconv.Itoa(i)+"]", "Invalid type for 'input[%d]': expected an object.", i)
-		case typ == `"additional_tools"`:
+			return invalid(p, "Invalid type for '%s': expected an object.", p)
+		case string(o["type"]) == `"additional_tools"`:
 			var tools []json.RawMessage
 			json.Unmarshal(o["tools"], &tools)
 			c.tools = append(c.tools, tools...)
@@ -675,8 +680,9 @@ func (c *call) normalizeItem(item json.RawMessage, param string) (object, error)
 		}
 	}
 	var parts []object
-	if !bytes.Contains(o["content"], []byte(`"cache_control"`)) && !bytes.Contains(o["content"], []byte(`"prompt_cache_breakpoint"`)) ||
-		json.Unmarshal(o["content"], &parts) != nil {
+	content := o["content"]
+	if !bytes.Contains(content, []byte(`"cache_control"`)) &&
+		!bytes.Contains(content, []byte(`"prompt_cache_breakpoint"`)) || json.Unmarshal(content, &parts) != nil {
 		return o, nil
 	}
 	for j, p := range parts {
@@ -695,7 +701,6 @@ func (c *call) normalizeItem(item json.RawMessage, param string) (object, error)
 // "opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna".
 type claudeModels map[string]string
 
-// UnmarshalText reads family=model pairs.
 func (m *claudeModels) UnmarshalText(b []byte) error {
 	*m = claudeModels{}
 	for _, pair := range strings.Split(string(b), ",") {
@@ -708,7 +713,6 @@ func (m *claudeModels) UnmarshalText(b []byte) error {
 	return nil
 }
 
-// MarshalText writes the pairs, sorted.
 func (m claudeModels) MarshalText() ([]byte, error) {
 	var pairs []string
 	for _, f := range slices.Sorted(maps.Keys(m)) {
@@ -733,26 +737,27 @@ func (m claudeModels) codexModel(model string) string {
 
 // anthropicBlock is a content block of the Anthropic Messages API.
 type anthropicBlock struct {
-	Type      string          `json:"type"`
-	Text      string          `json:"text"`
-	Thinking  string          `json:"thinking"`
-	Signature string          `json:"signature"`
-	ID        string          `json:"id"`
-	Name      string          `json:"name"`
-	Input     json.RawMessage `json:"input"`
-	ToolUseID string          `json:"tool_use_id"`
-	Content   rawJSON         `json:"content"`
-	IsError   bool            `json:"is_error"`
-	Cache     json.RawMessage `json:"cache_control"`
-	Source    *struct {
-		Type      string  `json:"type"`
-		MediaType string  `json:"media_type"`
-		Data      rawJSON `json:"data"`
-		URL       string  `json:"url"`
-	} `json:"source"`
+	Type      string           `json:"type"`
+	Text      string           `json:"text"`
+	Thinking  string           `json:"thinking"`
+	Signature string           `json:"signature"`
+	ID        string           `json:"id"`
+	Name      string           `json:"name"`
+	Input     json.RawMessage  `json:"input"`
+	ToolUseID string           `json:"tool_use_id"`
+	Content   rawJSON          `json:"content"`
+	IsError   bool             `json:"is_error"`
+	Cache     json.RawMessage  `json:"cache_control"`
+	Source    *anthropicSource `json:"source"`
 }
 
-// anthropicRequest holds the Messages API members parseMessages reads.
+type anthropicSource struct {
+	Type      string  `json:"type"`
+	MediaType string  `json:"media_type"`
+	Data      rawJSON `json:"data"`
+	URL       string  `json:"url"`
+}
+
 type anthropicRequest struct {
 	Model    string  `json:"model"`
 	System   rawJSON `json:"system"`
@@ -784,16 +789,16 @@ type anthropicRequest struct {
 // max_tokens, temperature, stop_sequences and the like are dropped and named.
 func parseMessages(body []byte, models claudeModels) (*call, error) {
 	var r anthropicRequest
-	ignored, err := decodeBody(body, []string{"model", "system", "messages", "tools", "tool_choice", "thinking",
-		"stream", "metadata"}, &r)
+	ignored, err := decodeBody(body, []string{"model", "system", "messages", "tools", "tool_choice",
+		"thinking", "stream", "metadata"}, &r)
 	if err != nil {
 		return nil, err
 	}
-	c, effort, err := newCall(models.codexModel(r.Model), "", slices.DeleteFunc(ignored, func(k string) bool { return k == "metadata" }))
+	c, effort, err := newCall(models.codexModel(r.Model), "", ignored)
 	if err != nil {
 		return nil, err
 	}
-	c.api, c.clientModel, c.stream, c.toolChoice = apiMessages, r.Model, r.Stream, json.RawMessage(`"auto"`)
+	c.api, c.clientModel, c.stream = apiMessages, r.Model, r.Stream
 	if len(r.Messages) == 0 {
 		return nil, invalid("messages", "messages: Field required")
 	}
@@ -802,33 +807,17 @@ func parseMessages(body []byte, models claudeModels) (*call, error) {
 	}
 	for i, m := range r.Messages {
 		if m.Role != "user" && m.Role != "assistant" {
-			return nil, invalid(fmt.Sprintf("messages[%d].role", i), "messages.%d.role: Input should be 'user' or 'assistant'", i)
+			return nil, invalid(fmt.Sprintf("messages[%d].role", i),
+				"messages.%d.role: Input should be 'user' or 'assistant'", i)
 		}
 		if err := c.anthropicItems(fmt.Sprintf("messages[%d].content", i), m.Role, m.Content); err != nil {
 			return nil, err
 		}
 	}
-	for i, t := range r.Tools {
-		switch {
-		case t.Type == "" || t.Type == "custom":
-			c.tools = append(c.tools, marshal(newFunctionTool(functionDef{t.Name, t.Description, t.InputSchema, false})))
-		case strings.HasPrefix(t.Type, "web_search"):
-			c.tools = append(c.tools, json.RawMessage(`{"type":"web_search"}`))
-		default: // Anthropic's other server tools have no Codex counterpart
-			c.ignore(fmt.Sprintf("tools[%d]", i))
-		}
-	}
-	c.parallel = new(bool)
-	*c.parallel = r.ToolChoice == nil || !r.ToolChoice.DisableParallel
-	if tc := r.ToolChoice; tc != nil {
-		c.toolChoice = marshal(map[string]string{"auto": "auto", "any": "required", "none": "none"}[tc.Type])
-		if tc.Type == "tool" {
-			c.toolChoice = marshal(map[string]string{"type": "function", "name": tc.Name})
-		}
-	}
+	c.anthropicTools(&r)
 	c.reasoning = object{}
 	if th := r.Thinking; th != nil && th.Type == "enabled" {
-		c.reasoning["summary"] = json.RawMessage(`"auto"`) // the summaries become thinking blocks
+		c.reasoning["summary"] = json.RawMessage(`"auto"`)
 		switch {
 		case effort != "":
 		case th.Budget < 4096:
@@ -847,6 +836,29 @@ func parseMessages(body []byte, models claudeModels) (*call, error) {
 	return c, nil
 }
 
+// anthropicTools takes the tools and tool_choice of a Messages request.
+func (c *call) anthropicTools(r *anthropicRequest) {
+	for i, t := range r.Tools {
+		switch {
+		case t.Type == "" || t.Type == "custom":
+			c.tools = append(c.tools, functionTool(functionDef{t.Name, t.Description, t.InputSchema, false}))
+		case strings.HasPrefix(t.Type, "web_search"):
+			c.tools = append(c.tools, json.RawMessage(`{"type":"web_search"}`))
+		default: // Anthropic's other server tools have no Codex counterpart
+			c.ignore(fmt.Sprintf("tools[%d]", i))
+		}
+	}
+	tc := r.ToolChoice
+	c.parallel = new(tc == nil || !tc.DisableParallel)
+	switch {
+	case tc == nil:
+	case tc.Type == "tool":
+		c.toolChoice = marshal(map[string]string{"type": "function", "name": tc.Name})
+	default:
+		c.toolChoice = marshal(map[string]string{"auto": "auto", "any": "required", "none": "none"}[tc.Type])
+	}
+}
+
 // anthropicItems appends a message's blocks (or the system prompt's) as input items: runs of
 // text and images as messages, tool results as function_call_output, tool uses as
 // function_call, and a thinking block that carries ccproxy's signature (the backend's
@@ -863,11 +875,14 @@ func (c *call) anthropicItems(param, role string, content rawJSON) error {
 			return err
 		}
 	}
-	textType := map[bool]string{true: "output_text", false: "input_text"}[role == "assistant"]
+	textType := "input_text"
+	if role == "assistant" {
+		textType = "output_text"
+	}
 	var parts []any
 	flush := func() {
 		if len(parts) > 0 {
-			c.input = append(c.input, marshal(messageItem{"message", role, parts}))
+			c.input = append(c.input, message(role, parts...))
 			parts = nil
 		}
 	}
@@ -887,21 +902,23 @@ func (c *call) anthropicItems(param, role string, content rawJSON) error {
 			continue // not the backend's: it could not read it
 		}
 		flush()
+		var item any
 		switch {
 		case b.Type == "tool_result" && role == "user":
-			c.input = append(c.input, marshal(toolResult(&b)))
+			item = toolResult(&b)
 		case b.Type == "tool_use" && role == "assistant":
 			args := string(b.Input)
 			if isNull(b.Input) {
 				args = "{}"
 			}
-			c.input = append(c.input, marshal(functionCall{"function_call", b.Name, args, b.ID}))
+			item = functionCall{"function_call", b.Name, args, b.ID}
 		case b.Type == "thinking" && role == "assistant":
-			c.input = append(c.input, marshal(map[string]any{"type": "reasoning", "encrypted_content": b.Signature,
-				"summary": []textPart{{"summary_text", b.Thinking}}}))
+			item = map[string]any{"type": "reasoning", "encrypted_content": b.Signature,
+				"summary": []textPart{{"summary_text", b.Thinking}}}
 		default:
 			return invalid(bp+".type", "%s.type: %q is not supported here", bp, b.Type)
 		}
+		c.input = append(c.input, marshal(item))
 	}
 	flush()
 	return nil
@@ -909,16 +926,12 @@ func (c *call) anthropicItems(param, role string, content rawJSON) error {
 
 // anthropicImage is an input_image of an Anthropic image source. The base64 data is copied
 // into the data URL as it came, without being decoded.
-func anthropicImage(src *struct {
-	Type      string  `json:"type"`
-	MediaType string  `json:"media_type"`
-	Data      rawJSON `json:"data"`
-	URL       string  `json:"url"`
-}) inputImage {
+func anthropicImage(src *anthropicSource) inputImage {
 	if src.Type == "url" || len(src.Data) < 2 || strings.ContainsAny(src.MediaType, `"\`) {
 		return inputImage{Type: "input_image", ImageURL: marshal(src.URL)}
 	}
-	return inputImage{Type: "input_image", ImageURL: append([]byte(`"data:`+src.MediaType+`;base64,`), src.Data[1:]...)}
+	url := append([]byte(`"data:`+src.MediaType+`;base64,`), src.Data[1:]...)
+	return inputImage{Type: "input_image", ImageURL: url}
 }
 
 // toolResult is a function_call_output of a tool_result block: its text, or its text and
@@ -934,42 +947,26 @@ func toolResult(b *anthropicBlock) any {
 	if b.IsError {
 		text = "Error: " + text
 	}
-	out := callOutput{"function_call_output", b.ToolUseID, text}
-	var parts []any
+	parts := []any{textPart{"input_text", text}}
 	for _, part := range blocks {
 		if part.Type == "image" && part.Source != nil {
 			parts = append(parts, anthropicImage(part.Source))
 		}
 	}
-	if parts == nil {
-		return out
+	if len(parts) == 1 {
+		return callOutput{"function_call_output", b.ToolUseID, text}
 	}
-	return map[string]any{"type": out.Type, "call_id": out.CallID, "output": append([]any{textPart{"input_text", text}}, parts...)}
+	return map[string]any{"type": "function_call_output", "call_id": b.ToolUseID, "output": parts}
 }
 
-// functionTool is a flat Responses function tool.
-type functionTool struct {
-	Type string `json:"type"`
-	functionDef
-}
-
-// newFunctionTool makes f a tool; a missing schema is an empty object schema.
-func newFunctionTool(f functionDef) functionTool {
-	if isNull(f.Parameters) {
-		f.Parameters = json.RawMessage(`{"type":"object","properties":{}}`)
-	}
-	return functionTool{"function", f}
-}
-
-// imageRequest holds the OpenAI Images API members parseImages reads.
 type imageRequest struct {
 	Prompt         string `json:"prompt"`
 	Model          string `json:"model"`
-	N              *int   `json:"n"`
-	Size           string `json:"size,omitempty"`
-	Quality        string `json:"quality,omitempty"`
-	Background     string `json:"background,omitempty"`
-	OutputFormat   string `json:"output_format,omitempty"`
+	N              int    `json:"n"`
+	Size           string `json:"size"`
+	Quality        string `json:"quality"`
+	Background     string `json:"background"`
+	OutputFormat   string `json:"output_format"`
 	ResponseFormat string `json:"response_format"`
 }
 
@@ -977,7 +974,7 @@ type imageRequest struct {
 // backend's image_generation tool, and the number of images (turns) asked for. model is the
 // Codex model that draws; an image model id of OpenAI's API (gpt-image-1, dall-e-3) means it.
 func parseImages(body []byte, model string) (*call, int, error) {
-	var r imageRequest
+	r := imageRequest{N: 1}
 	ignored, err := decodeBody(body, []string{"prompt", "model", "n", "size", "quality", "background",
 		"output_format", "response_format"}, &r)
 	switch {
@@ -986,9 +983,9 @@ func parseImages(body []byte, model string) (*call, int, error) {
 	case r.Prompt == "":
 		return nil, 0, invalid("prompt", "Missing required parameter: 'prompt'.")
 	case r.ResponseFormat != "" && r.ResponseFormat != "b64_json":
-		return nil, 0, invalid("response_format", "Invalid value for 'response_format': ccproxy has no URL to give; "+
-			"the images come back as b64_json (omit response_format).")
-	case r.N != nil && (*r.N < 1 || *r.N > 10):
+		return nil, 0, invalid("response_format", "Invalid value for 'response_format': "+
+			"ccproxy has no URL to give; the images come back as b64_json (omit response_format).")
+	case r.N < 1 || r.N > 10:
 		return nil, 0, invalid("n", "Invalid value for 'n': expected an integer from 1 to 10.")
 	}
 	if r.Model != "" && !strings.HasPrefix(r.Model, "gpt-image") && !strings.HasPrefix(r.Model, "dall-e") {
@@ -998,21 +995,18 @@ func parseImages(body []byte, model string) (*call, int, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	c.api, c.clientModel, c.instructions = apiImages, r.Model, new(string)
-	*c.instructions = "Draw what the user describes with the image_generation tool, once, and answer with nothing else."
+	c.api, c.clientModel = apiImages, r.Model
+	c.instructions = new("Draw what the user describes with the image_generation tool, once, " +
+		"and answer with nothing else.")
 	tool := map[string]string{"type": "image_generation", "output_format": cmp.Or(r.OutputFormat, "png"),
 		"size": r.Size, "quality": r.Quality, "background": r.Background}
 	maps.DeleteFunc(tool, func(_, v string) bool { return v == "" })
 	c.tools = []json.RawMessage{marshal(tool)}
-	c.input = []json.RawMessage{marshal(messageItem{"message", "user", []any{textPart{"input_text", r.Prompt}}})}
+	c.input = []json.RawMessage{message("user", textPart{"input_text", r.Prompt})}
 	if effort != "" {
 		c.reasoning = object{"effort": marshal(effort)}
 	}
-	n := 1
-	if r.N != nil {
-		n = *r.N
-	}
-	return c, n, nil
+	return c, r.N, nil
 }
 
 // imagesAnswer is the Images API answer of finished turns: each turn's image, with the prompt
@@ -1023,7 +1017,7 @@ func imagesAnswer(turns []*turn, created int64) ([]byte, error) {
 		RevisedPrompt string `json:"revised_prompt,omitempty"`
 	}
 	var data []image
-	var u tokenUsage
+	var in, out int
 	for _, t := range turns {
 		n := len(data)
 		for _, raw := range t.items {
@@ -1036,19 +1030,13 @@ func imagesAnswer(turns []*turn, created int64) ([]byte, error) {
 			}
 		}
 		if len(data) == n {
-			var text strings.Builder
-			collect(t, func(p *piece) {
-				if p.kind == pieceText {
-					text.WriteString(p.text)
-				}
-			})
 			return nil, &apiError{kind: errInvalid, code: "no_image", msg: "the model answered without an image: " +
-				cmp.Or(strings.TrimSpace(text.String()), "(no text either)")}
+				cmp.Or(strings.TrimSpace(answerText(t)), "(no text either)")}
 		}
-		u.InputTokens, u.OutputTokens = u.InputTokens+t.usage.InputTokens, u.OutputTokens+t.usage.OutputTokens
+		in, out = in+t.usage.InputTokens, out+t.usage.OutputTokens
 	}
-	return marshal(map[string]any{"created": created, "data": data, "usage": map[string]int{"input_tokens": u.InputTokens,
-		"output_tokens": u.OutputTokens, "total_tokens": u.InputTokens + u.OutputTokens}}), nil
+	usage := map[string]int{"input_tokens": in, "output_tokens": out, "total_tokens": in + out}
+	return marshal(map[string]any{"created": created, "data": data, "usage": usage}), nil
 }
 
 // closeCalls answers every call from items[from:] that has no output with an "aborted" one,
@@ -1105,9 +1093,8 @@ type upstreamBody struct {
 	ServiceTier       string            `json:"service_tier,omitempty"`
 }
 
-// request is one upstream request, built once by buildRequest and never changed after: the
-// body of POST {upstream}/responses and its own headers (the upstream client adds the
-// credentials on each attempt).
+// request is one upstream request, built once by buildRequest and never changed after; the
+// upstream client adds the credentials on each attempt.
 type request struct {
 	model  string
 	body   []byte
@@ -1130,9 +1117,9 @@ const liteHeader = "X-Openai-Internal-Codex-Responses-Lite"
 // session's transcript and this turn), the model's catalog entry (nil when unknown), the
 // instructions and the session id, which names the conversation for the prompt cache.
 func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, sid string) *request {
-	b := upstreamBody{Model: c.model, Instructions: p.key, ToolChoice: c.toolChoice, ParallelToolCalls: c.parallel,
-		Reasoning: maps.Clone(c.reasoning), Stream: true, Include: c.include, PromptCacheKey: cmp.Or(c.cacheKey, sid),
-		Text: c.text, ClientMetadata: c.metadata, ServiceTier: c.tier}
+	b := upstreamBody{Model: c.model, Instructions: p.key, ToolChoice: c.toolChoice,
+		ParallelToolCalls: c.parallel, Reasoning: maps.Clone(c.reasoning), Stream: true, Include: c.include,
+		PromptCacheKey: cmp.Or(c.cacheKey, sid), Text: c.text, ClientMetadata: c.metadata, ServiceTier: c.tier}
 	h := http.Header{"Accept": {"text/event-stream"}, "Session-Id": {sid}}
 	maps.Copy(h, c.header)
 	if m != nil && m.Summary != nil && !*m.Summary { // gpt-5.3-codex-spark refuses the member
@@ -1144,9 +1131,10 @@ func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, s
 		// calls, reasoning over all turns. The backend refuses Lite requests that break these.
 		h.Set(liteHeader, "true")
 		if len(c.tools) > 0 {
-			head = append(head, marshal(map[string]any{"type": "additional_tools", "role": "developer", "tools": c.tools}))
+			head = append(head, marshal(map[string]any{"type": "additional_tools", "role": "developer",
+				"tools": c.tools}))
 		}
-		b.ParallelToolCalls = new(bool)
+		b.ParallelToolCalls = new(false)
 		if b.Reasoning == nil {
 			b.Reasoning = object{}
 		}
@@ -1158,13 +1146,14 @@ func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, s
 		}
 	}
 	if p.asMessage && c.instructions != nil && *c.instructions != "" {
-		head = append(head, marshal(messageItem{"message", "developer", []any{textPart{"input_text", *c.instructions}}}))
+		head = append(head, message("developer", textPart{"input_text", *c.instructions}))
 	}
 	// The items are already valid JSON, and may be most of a large body (an inline image): they
 	// are copied once, into their place, rather than encoded again.
 	body := marshal(b)
 	at := bytes.Index(body, []byte(`"input":null`)) + len(`"input":`)
-	out := append(make([]byte, 0, len(body)+int(sizeOf(head)+sizeOf(input))+len(head)+len(input)+2), body[:at]...)
+	size := len(body) + int(sizeOf(head)+sizeOf(input)) + len(head) + len(input) + 2
+	out := append(make([]byte, 0, size), body[:at]...)
 	out = append(out, '[')
 	for i, it := range slices.Concat(head, input) {
 		if i > 0 {
@@ -1172,7 +1161,8 @@ func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, s
 		}
 		out = append(out, it...)
 	}
-	return &request{model: c.model, body: append(append(out, ']'), body[at+len("null"):]...), header: h}
+	out = append(append(out, ']'), body[at+len("null"):]...)
+	return &request{model: c.model, body: out, header: h}
 }
 
 // check refuses, before any upstream call, what the model's catalog entry says it cannot take:
@@ -1185,14 +1175,21 @@ func check(c *call, m *catalogModel) error {
 	var effort string
 	json.Unmarshal(c.reasoning["effort"], &effort)
 	if efforts := m.efforts(); effort != "" && efforts != nil && !slices.Contains(efforts, effort) {
-		param := cmp.Or(map[bool]string{true: "reasoning_effort"}[c.api == apiChat], "reasoning.effort")
-		return invalid(param, "Unsupported value: '%s' is not supported with the '%s' model. Supported values are: %s.",
-			effort, m.Slug, quoteList(efforts))
+		param := "reasoning.effort"
+		if c.api == apiChat {
+			param = "reasoning_effort"
+		}
+		return invalid(param, "Unsupported value: '%s' is not supported with the '%s' model. "+
+			"Supported values are: %s.", effort, m.Slug, quoteList(efforts))
 	}
-	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") &&
-		slices.ContainsFunc(c.input, func(it json.RawMessage) bool { return bytes.Contains(it, []byte(`"input_image"`)) }) {
-		return invalid(cmp.Or(map[bool]string{true: "messages"}[c.api != apiResponses], "input"),
-			"The '%s' model does not accept image input; it takes only %s.", m.Slug, quoteList(m.Modalities))
+	hasImage := func(it json.RawMessage) bool { return bytes.Contains(it, []byte(`"input_image"`)) }
+	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") && slices.ContainsFunc(c.input, hasImage) {
+		param := "input"
+		if c.api != apiResponses {
+			param = "messages"
+		}
+		return invalid(param, "The '%s' model does not accept image input; it takes only %s.",
+			m.Slug, quoteList(m.Modalities))
 	}
 	if tiers := m.tiers(); c.tier == "priority" && tiers != nil && !slices.Contains(tiers, c.tier) {
 		return invalid("service_tier", "Unsupported value: 'priority' is not supported with the '%s' model. "+
@@ -1365,7 +1362,6 @@ type outputText struct {
 	Refusal string `json:"refusal"`
 }
 
-// pieceKind says what a piece of the reply is.
 type pieceKind int
 
 const (
@@ -1406,13 +1402,11 @@ type turn struct {
 	p        piece       // the piece being emitted, kept here so emitting costs no allocation
 }
 
-// emit passes p to emit.
 func (t *turn) emit(emit func(*piece), p piece) {
 	t.p = p
 	emit(&t.p)
 }
 
-// callState is one function call of the reply.
 type callState struct {
 	itemID, callID string // deltas name the item (fc_…), not the call
 	argsSent       bool
@@ -1567,14 +1561,15 @@ func failureError(code, message string) error {
 		wait := 1.0
 		if m := retryIn.FindStringSubmatch(message); m != nil {
 			wait, _ = strconv.ParseFloat(m[1], 64)
-			wait /= map[bool]float64{true: 1000, false: 1}[m[2] == "ms"]
+			if m[2] == "ms" {
+				wait /= 1000
+			}
 		}
 		e.header = http.Header{"Retry-After": {strconv.Itoa(int(math.Ceil(max(wait, 1))))}}
 	}
 	return e
 }
 
-// retryIn finds the wait a backend failure message asks for.
 var retryIn = regexp.MustCompile(`(?i)try again in\s*(\d+(?:\.\d+)?)\s*(s|ms|seconds?)\b`)
 
 // finishReason maps how the turn ended to the chat finish_reason.
@@ -1608,26 +1603,37 @@ func (g *paragraphs) sep(p *piece) string {
 	return sep
 }
 
-// chatUsage is the usage object of Chat Completions.
-type chatUsage struct {
-	PromptTokens        int `json:"prompt_tokens"`
-	CompletionTokens    int `json:"completion_tokens"`
-	TotalTokens         int `json:"total_tokens"`
-	PromptTokensDetails struct {
-		CachedTokens int `json:"cached_tokens"`
-	} `json:"prompt_tokens_details"`
-	CompletionTokensDetails struct {
-		ReasoningTokens int `json:"reasoning_tokens"`
-	} `json:"completion_tokens_details"`
+// collect passes the pieces of a finished turn's items to emit, as if each came whole.
+func collect(t *turn, emit func(*piece)) {
+	var u turn
+	for _, raw := range t.items {
+		u.itemDone(raw, emit)
+	}
 }
 
-// chatUsageOf converts the backend's usage.
-func chatUsageOf(u tokenUsage) *chatUsage {
-	c := &chatUsage{PromptTokens: u.InputTokens, CompletionTokens: u.OutputTokens,
-		TotalTokens: cmp.Or(u.TotalTokens, u.InputTokens+u.OutputTokens)}
-	c.PromptTokensDetails.CachedTokens = u.InputTokensDetails.CachedTokens
-	c.CompletionTokensDetails.ReasoningTokens = u.OutputTokensDetails.ReasoningTokens
-	return c
+// answerText is the answer text of a finished turn.
+func answerText(t *turn) string {
+	var b strings.Builder
+	collect(t, func(p *piece) {
+		if p.kind == pieceText {
+			b.WriteString(p.text)
+		}
+	})
+	return b.String()
+}
+
+// chatHead is a chat.completion or chat.completion.chunk up to its choices.
+func chatHead(object, id string, created int64, model string) []byte {
+	return fmt.Appendf(nil, `{"id":%s,"object":"%s","created":%d,"model":%s,"choices":[`,
+		marshal(id), object, created, marshal(model))
+}
+
+// chatUsage is the backend's usage as Chat Completions reports it.
+func chatUsage(u tokenUsage) []byte {
+	return fmt.Appendf(nil, `{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,`+
+		`"prompt_tokens_details":{"cached_tokens":%d},"completion_tokens_details":{"reasoning_tokens":%d}}`,
+		u.InputTokens, u.OutputTokens, cmp.Or(u.TotalTokens, u.InputTokens+u.OutputTokens),
+		u.InputTokensDetails.CachedTokens, u.OutputTokensDetails.ReasoningTokens)
 }
 
 // chatToolCall is a tool call of a chat message, or the start of one in a chunk.
@@ -1641,10 +1647,16 @@ type chatToolCall struct {
 	} `json:"function"`
 }
 
+func newToolCall(p *piece, typ string) chatToolCall {
+	tc := chatToolCall{ID: p.callID, Type: typ}
+	tc.Function.Name, tc.Function.Arguments = p.name, p.text
+	return tc
+}
+
 // chatCompletion builds the chat.completion of a finished turn. Unlike the stream, which cannot
 // take back tags it already sent, it has no tags when the turn calls tools.
 func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode, jsonMode bool) []byte {
-	type message struct {
+	var m struct {
 		Role             string         `json:"role"`
 		Content          *string        `json:"content"`
 		ReasoningContent string         `json:"reasoning_content,omitempty"`
@@ -1652,7 +1664,6 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 	}
 	var text, reasoning strings.Builder
 	var g paragraphs
-	m := message{Role: "assistant"}
 	collect(t, func(p *piece) {
 		switch p.kind {
 		case pieceText:
@@ -1662,47 +1673,27 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 				reasoning.WriteString(g.sep(p) + p.text)
 			}
 		case pieceCall:
-			tc := chatToolCall{ID: p.callID, Type: "function"}
-			tc.Function.Name, tc.Function.Arguments = p.name, p.text
-			m.ToolCalls = append(m.ToolCalls, tc)
+			m.ToolCalls = append(m.ToolCalls, newToolCall(p, "function"))
 		case pieceArgs:
 			m.ToolCalls[p.call].Function.Arguments += p.text
 		}
 	})
 	out, calls := text.String(), len(m.ToolCalls) > 0
-	m.ReasoningContent = reasoning.String()
+	m.Role, m.ReasoningContent = "assistant", reasoning.String()
 	if mode == reasoningTags && !jsonMode && !calls && m.ReasoningContent != "" && out != "" {
-		out = "<reasoning>" + m.ReasoningContent + "</reasoning>\n\n" + out // the guide's tags
+		out = "<reasoning>" + m.ReasoningContent + "</reasoning>\n\n" + out
 	}
 	if out != "" || !calls {
 		m.Content = &out
 	}
-	type choice struct {
-		Index        int     `json:"index"`
-		Message      message `json:"message"`
-		FinishReason string  `json:"finish_reason"`
-	}
-	return marshal(struct {
-		ID      string     `json:"id"`
-		Object  string     `json:"object"`
-		Created int64      `json:"created"`
-		Model   string     `json:"model"`
-		Choices []choice   `json:"choices"`
-		Usage   *chatUsage `json:"usage"`
-	}{id, "chat.completion", created, model, []choice{{0, m, t.finishReason(calls)}}, chatUsageOf(t.usage)})
-}
-
-// collect passes the pieces of a finished turn's items to emit, as if each came whole.
-func collect(t *turn, emit func(*piece)) {
-	var u turn
-	for _, raw := range t.items {
-		u.itemDone(raw, emit)
-	}
+	return fmt.Appendf(chatHead("chat.completion", id, created, model),
+		`{"index":0,"message":%s,"finish_reason":"%s"}],"usage":%s}`,
+		marshal(m), t.finishReason(calls), chatUsage(t.usage))
 }
 
 // chatStream turns the pieces of a reply into chat.completion.chunk payloads as they arrive.
 // Deltas are most of a stream, so chunks are written from a template rather than by
-// encoding/json: it takes a third of the proxy's CPU per delta (README, Performance).
+// encoding/json, which took a third of the proxy's CPU per delta.
 type chatStream struct {
 	head     []byte // every chunk up to `"choices":[`
 	mode     reasoningMode
@@ -1718,9 +1709,8 @@ type chatStream struct {
 // newChatStream starts a chat stream; id, created and model appear in every chunk.
 func newChatStream(id string, created int64, model string, mode reasoningMode, jsonMode bool,
 	emit func([]byte)) *chatStream {
-	head := fmt.Appendf(nil, `{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":[`,
-		marshal(id), created, marshal(model))
-	return &chatStream{head: head, mode: mode, emit: emit, tagsDone: mode != reasoningTags || jsonMode}
+	return &chatStream{head: chatHead("chat.completion.chunk", id, created, model), mode: mode, emit: emit,
+		tagsDone: mode != reasoningTags || jsonMode}
 }
 
 // send emits one chunk with the delta d and a finish_reason (null when empty). The role goes
@@ -1767,8 +1757,8 @@ func (s *chatStream) piece(p *piece) {
 	case pieceCall: // the turn goes to tool calls: no tags
 		s.tagsDone = true
 		s.calls++
-		tc := chatToolCall{Index: &p.call, ID: p.callID, Type: "function"}
-		tc.Function.Name, tc.Function.Arguments = p.name, p.text
+		tc := newToolCall(p, "function")
+		tc.Index = &p.call
 		s.send(fmt.Appendf(s.d[:0], `{"tool_calls":[%s]}`, marshal(tc)), "")
 	case pieceArgs:
 		s.d = strconv.AppendInt(append(s.d[:0], `{"tool_calls":[{"index":`...), int64(p.call), 10)
@@ -1781,7 +1771,7 @@ func (s *chatStream) piece(p *piece) {
 func (s *chatStream) finish(t *turn, includeUsage bool) {
 	s.send([]byte("{}"), t.finishReason(s.calls > 0))
 	if includeUsage {
-		s.emit(fmt.Appendf(s.buf[:0], `%s],"usage":%s}`, s.head, marshal(chatUsageOf(t.usage))))
+		s.emit(fmt.Appendf(s.buf[:0], `%s],"usage":%s}`, s.head, chatUsage(t.usage)))
 	}
 }
 
@@ -1796,7 +1786,8 @@ func appendEscaped(dst []byte, s string) []byte {
 		if c >= utf8.RuneSelf {
 			c, size = utf8.DecodeRuneInString(s[i:])
 		}
-		if c >= 0x20 && c != '"' && c != '\\' && c != '\u2028' && c != '\u2029' && (c != utf8.RuneError || size > 1) {
+		if c >= 0x20 && c != '"' && c != '\\' && c != '\u2028' && c != '\u2029' &&
+			(c != utf8.RuneError || size > 1) {
 			i += size
 			continue
 		}
@@ -1883,9 +1874,7 @@ func (s *anthropicStream) piece(p *piece) {
 			s.delta(map[string]any{"type": "signature_delta", "signature": p.text})
 		}
 	case pieceCall:
-		tc := chatToolCall{ID: p.callID}
-		tc.Function.Name, tc.Function.Arguments = p.name, p.text
-		s.calls = append(s.calls, tc)
+		s.calls = append(s.calls, newToolCall(p, ""))
 	case pieceArgs:
 		s.calls[p.call].Function.Arguments += p.text
 	}
@@ -1893,10 +1882,14 @@ func (s *anthropicStream) piece(p *piece) {
 
 // finish emits the tool uses, the stop reason and the usage.
 func (s *anthropicStream) finish(t *turn) {
-	stop := map[bool]string{true: "max_tokens", false: "end_turn"}[t.incomplete == "max_output_tokens"]
+	stop := "end_turn"
+	if t.incomplete == "max_output_tokens" {
+		stop = "max_tokens"
+	}
 	for _, c := range s.calls {
 		stop = "tool_use"
-		s.block(map[string]any{"type": "tool_use", "id": c.ID, "name": c.Function.Name, "input": map[string]any{}}, c.ID)
+		s.block(map[string]any{"type": "tool_use", "id": c.ID, "name": c.Function.Name,
+			"input": map[string]any{}}, c.ID)
 		s.delta(map[string]any{"type": "input_json_delta", "partial_json": cmp.Or(c.Function.Arguments, "{}")})
 	}
 	s.begin()
@@ -1961,17 +1954,11 @@ func responseObject(t *turn, c *call) []byte {
 	if json.Unmarshal(t.response, &o) != nil || o == nil {
 		o = object{"object": json.RawMessage(`"response"`)}
 	}
-	var text strings.Builder
-	collect(t, func(p *piece) {
-		if p.kind == pieceText {
-			text.WriteString(p.text)
-		}
-	})
 	items := t.items
 	if items == nil {
 		items = []json.RawMessage{}
 	}
-	o["output"], o["output_text"] = marshal(items), marshal(text.String())
+	o["output"], o["output_text"] = marshal(items), marshal(answerText(t))
 	if c != nil {
 		o["previous_response_id"], o["store"] = json.RawMessage("null"), marshal(c.store == nil || *c.store)
 		if c.previousID != "" {
