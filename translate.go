@@ -80,7 +80,6 @@ type call struct {
 	header       http.Header // the client's headers that travel upstream
 }
 
-// ignore names a member that is not sent upstream.
 func (c *call) ignore(name string) {
 	if !slices.Contains(c.ignored, name) {
 		c.ignored = append(c.ignored, name)
@@ -136,18 +135,16 @@ var jsonKinds = map[reflect.Kind]string{reflect.String: "a string", reflect.Bool
 // decodeParam unmarshals raw into v. A member of the wrong type is a 400 naming it, param plus
 // the path encoding/json reports, as OpenAI names them ("stream_options.include_usage").
 func decodeParam(raw []byte, param string, v any) error {
-	var te *json.UnmarshalTypeError
-	if err := json.Unmarshal(raw, v); errors.As(err, &te) {
-		param = strings.Trim(param+"."+te.Field, ".")
+	err := json.Unmarshal(raw, v)
+	if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok {
 		kind := cmp.Or(jsonKinds[te.Type.Kind()], te.Type.String())
-		return invalid(param, "Invalid type for '%s': expected %s.", param, kind)
+		return wrongType(strings.Trim(param+"."+te.Field, "."), kind)
 	} else if err != nil {
 		return invalid(param, "We could not parse the JSON body of your request.")
 	}
 	return nil
 }
 
-// isNull reports whether a member decoded into a RawMessage is absent or null.
 func isNull(raw []byte) bool { return len(raw) == 0 || string(raw) == "null" }
 
 // marshal encodes v without HTML escaping (the bytes go to APIs, not to browsers).
@@ -160,16 +157,23 @@ func marshal(v any) json.RawMessage {
 	return bytes.TrimSuffix(b.Bytes(), []byte("\n"))
 }
 
-// invalid is the 400 for a request the client must fix, naming the parameter.
 func invalid(param, format string, args ...any) error {
 	return &apiError{kind: errInvalid, param: param, msg: fmt.Sprintf(format, args...)}
+}
+
+func missing(param string) error {
+	return invalid(param, "Missing required parameter: '%s'.", param)
+}
+
+func wrongType(param, want string) error {
+	return invalid(param, "Invalid type for '%s': expected %s.", param, want)
 }
 
 // newCall checks the model and fills what every call sends. A model id may carry an effort
 // suffix and "-fast", which means the priority tier (Codex's "Fast").
 func newCall(model, tier string, ignored []string) (*call, string, error) {
 	if model == "" {
-		return nil, "", invalid("model", "Missing required parameter: 'model'.")
+		return nil, "", missing("model")
 	}
 	base, fast := strings.CutSuffix(model, "-fast")
 	base, effort := splitEffort(base)
@@ -198,22 +202,16 @@ func newCall(model, tier string, ignored []string) (*call, string, error) {
 // the classic efforts, ":" also for max and ultra. "-max" and "-mini" are never suffixes:
 // gpt-5.1-codex-max and gpt-5.1-codex-mini are models.
 func splitEffort(model string) (base, effort string) {
-	if i := strings.LastIndexByte(model, ':'); i > 0 {
-		switch e := model[i+1:]; e {
-		case "none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra":
-			return model[:i], e
-		}
+	efforts := []string{"none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra"}
+	if i := strings.LastIndexByte(model, ':'); i > 0 && slices.Contains(efforts, model[i+1:]) {
+		return model[:i], model[i+1:]
 	}
-	if i := strings.LastIndexByte(model, '-'); i > 0 {
-		switch e := model[i+1:]; e {
-		case "none", "minimal", "low", "medium", "high", "xhigh":
-			return model[:i], e
-		}
+	if i := strings.LastIndexByte(model, '-'); i > 0 && slices.Contains(efforts[:6], model[i+1:]) {
+		return model[:i], model[i+1:]
 	}
 	return model, ""
 }
 
-// textPart is an input_text, output_text or summary_text part.
 type textPart struct {
 	Type string `json:"type"`
 	Text string `json:"text"`
@@ -225,7 +223,6 @@ type messageItem struct {
 	Content []any  `json:"content"`
 }
 
-// message is a message input item.
 func message(role string, parts ...any) json.RawMessage {
 	return marshal(messageItem{"message", role, parts})
 }
@@ -243,7 +240,7 @@ type callOutput struct {
 	Output string `json:"output"`
 }
 
-// functionDef is the function of a chat tool; with a type beside it, it is a Responses tool.
+// functionDef is the function of a chat tool; with a type beside it, a Responses tool.
 type functionDef struct {
 	Name        string          `json:"name"`
 	Description string          `json:"description,omitempty"`
@@ -262,7 +259,7 @@ func functionTool(f functionDef) json.RawMessage {
 	}{"function", f})
 }
 
-// jsonSchema is response_format.json_schema; with a type beside it, it is text.format.
+// jsonSchema is response_format.json_schema; with a type beside it, text.format.
 type jsonSchema struct {
 	Name        string          `json:"name"`
 	Description string          `json:"description,omitempty"`
@@ -307,12 +304,10 @@ type chatMessage struct {
 }
 
 type chatPart struct {
-	Type       string          `json:"type"`
-	Text       string          `json:"text"`
-	Refusal    string          `json:"refusal"`
-	ImageURL   rawJSON         `json:"image_url"`
-	Cache      json.RawMessage `json:"cache_control"`           // Anthropic-style prompt caching:
-	Breakpoint json.RawMessage `json:"prompt_cache_breakpoint"` // refused by the backend
+	Type, Text, Refusal string
+	ImageURL            rawJSON         `json:"image_url"`
+	Cache               json.RawMessage `json:"cache_control"`           // Anthropic-style prompt caching:
+	Breakpoint          json.RawMessage `json:"prompt_cache_breakpoint"` // refused by the backend
 }
 
 func parseChat(body []byte) (*call, error) {
@@ -329,7 +324,7 @@ func parseChat(body []byte) (*call, error) {
 		return nil, invalid("n", "Invalid value for 'n': ccproxy supports only n=1, got %d.", r.N)
 	}
 	if len(r.Messages) == 0 {
-		return nil, invalid("messages", "Missing required parameter: 'messages'.")
+		return nil, missing("messages")
 	}
 	for i, raw := range r.Messages {
 		if err := c.chatItems(json.RawMessage(raw), "messages["+strconv.Itoa(i)+"]"); err != nil {
@@ -368,14 +363,13 @@ func chatTools(r *chatRequest) ([]json.RawMessage, error) {
 				"Invalid value for '%s.type': only function tools are supported, got %q.", p, t.Type)
 		}
 		if t.Function == nil || t.Function.Name == "" {
-			return nil, invalid(p+".function.name", "Missing required parameter: '%s.function.name'.", p)
+			return nil, missing(p + ".function.name")
 		}
 		tools = append(tools, functionTool(*t.Function))
 	}
 	return tools, nil
 }
 
-// chatItems appends one chat message as Responses input items.
 func (c *call) chatItems(raw json.RawMessage, param string) error {
 	var m chatMessage
 	if err := decodeParam(raw, param, &m); err != nil {
@@ -393,7 +387,7 @@ func (c *call) chatItems(raw json.RawMessage, param string) error {
 	case "tool":
 		return c.chatToolOutput(&m, param)
 	case "":
-		return invalid(param+".role", "Missing required parameter: '%s.role'.", param)
+		return missing(param + ".role")
 	default:
 		return invalid(param+".role", "Invalid value for '%s.role': %q is not supported.", param, m.Role)
 	}
@@ -419,7 +413,7 @@ func (c *call) chatItems(raw json.RawMessage, param string) error {
 // chatToolOutput appends a tool message as a function_call_output with the text of its parts.
 func (c *call) chatToolOutput(m *chatMessage, param string) error {
 	if m.ToolCallID == "" {
-		return invalid(param+".tool_call_id", "Missing required parameter: '%s.tool_call_id'.", param)
+		return missing(param + ".tool_call_id")
 	}
 	parts, err := c.chatContent(json.RawMessage(m.Content), param, "input_text", false)
 	var out strings.Builder
@@ -442,8 +436,7 @@ func (c *call) chatContent(raw json.RawMessage, param, textType string, images b
 	}
 	var parts []chatPart
 	if err := json.Unmarshal(raw, &parts); err != nil {
-		return nil, invalid(param+".content",
-			"Invalid type for '%s.content': expected a string or an array of content parts.", param)
+		return nil, wrongType(param+".content", "a string or an array of content parts")
 	}
 	var out []any
 	for j, p := range parts {
@@ -466,7 +459,8 @@ func (c *call) chatContent(raw json.RawMessage, param, textType string, images b
 			}
 			out = append(out, img)
 		default:
-			return nil, invalid(pp+".type", "Invalid value for '%s.type': %q is not supported here.", pp, p.Type)
+			return nil, invalid(pp+".type", "Invalid value for '%s.type': %q is not supported here.",
+				pp, p.Type)
 		}
 	}
 	return out, nil
@@ -480,7 +474,7 @@ type inputImage struct {
 	Detail   string          `json:"detail,omitempty"`
 }
 
-// chatImage reads an image_url member, a URL string or {"url", "detail"}.
+// chatImage reads an image_url member: a URL string or {"url", "detail"}.
 func chatImage(raw json.RawMessage, param string) (inputImage, error) {
 	img := inputImage{Type: "input_image", ImageURL: raw}
 	var v struct {
@@ -501,10 +495,8 @@ func chatImage(raw json.RawMessage, param string) (inputImage, error) {
 // like the tools themselves, other objects pass unchanged; Codex's default is "auto".
 func chatToolChoice(raw json.RawMessage) (json.RawMessage, error) {
 	var tc struct {
-		Type     string `json:"type"`
-		Function struct {
-			Name string `json:"name"`
-		} `json:"function"`
+		Type     string
+		Function struct{ Name string }
 	}
 	var s string
 	switch {
@@ -513,12 +505,9 @@ func chatToolChoice(raw json.RawMessage) (json.RawMessage, error) {
 	case json.Unmarshal(raw, &s) == nil:
 		return marshal(s), nil
 	case json.Unmarshal(raw, &tc) != nil:
-		return nil, invalid("tool_choice", "Invalid type for 'tool_choice': expected a string or an object.")
+		return nil, wrongType("tool_choice", "a string or an object")
 	case tc.Type == "function" && tc.Function.Name != "":
-		return marshal(struct {
-			Type string `json:"type"`
-			Name string `json:"name"`
-		}{"function", tc.Function.Name}), nil
+		return fmt.Appendf(nil, `{"type":"function","name":%s}`, marshal(tc.Function.Name)), nil
 	}
 	return raw, nil
 }
@@ -535,8 +524,7 @@ func chatText(r *chatRequest) (json.RawMessage, bool, error) {
 		text.Format = map[string]string{"type": "json_object"}
 	case "json_schema":
 		if len(js.Schema) == 0 {
-			return nil, false, invalid("response_format.json_schema.schema",
-				"Missing required parameter: 'response_format.json_schema.schema'.")
+			return nil, false, missing("response_format.json_schema.schema")
 		}
 		js.Name = cmp.Or(js.Name, "response")
 		text.Format = struct {
@@ -571,9 +559,8 @@ type responsesRequest struct {
 	Store              *bool             `json:"store"`
 }
 
-// parseResponses normalizes a native Responses body: members the backend takes pass through,
-// input items lose their ids and system roles. A body with "messages" and no "input" is a chat
-// request, which some clients send to /responses.
+// parseResponses normalizes a native Responses body. A body with "messages" and no "input" is
+// a chat request, which some clients send to /responses.
 func parseResponses(body []byte) (*call, error) {
 	var r responsesRequest
 	ignored, err := decodeBody(body, responsesParams, &r)
@@ -605,7 +592,7 @@ func parseResponses(body []byte) (*call, error) {
 		switch {
 		case isNull(m.raw):
 		case m.raw[0] != '{' && (m.key != "tool_choice" || m.raw[0] != '"'):
-			return nil, invalid(m.key, "Invalid type for '%s': expected an object.", m.key)
+			return nil, wrongType(m.key, "an object")
 		case m.dst != nil:
 			*m.dst = m.raw
 		default:
@@ -621,9 +608,9 @@ func parseResponses(body []byte) (*call, error) {
 	return c, nil
 }
 
-// responsesInput takes input (a string or items) as normalized items. The tools of a leading
-// additional_tools item (the Lite shape) join the call's tools: buildRequest puts them where
-// the model wants them. item_reference items stay: the session store expands them.
+// responsesInput takes input (a string or items) as normalized items. The tools of an
+// additional_tools item (the Lite shape) join the call's tools, which buildRequest places as
+// the model wants. item_reference items stay: the session store expands them.
 func (c *call) responsesInput(raw json.RawMessage) error {
 	var s string
 	var items []rawJSON
@@ -635,17 +622,17 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 			return nil
 		}
 	case json.Unmarshal(raw, &items) != nil:
-		return invalid("input", "Invalid type for 'input': expected a string or an array.")
+		return wrongType("input", "a string or an array")
 	}
 	if len(items) == 0 {
-		return invalid("input", "Missing required parameter: 'input'.")
+		return missing("input")
 	}
 	for i, item := range items {
 		p := "input[" + strconv.Itoa(i) + "]"
 		o, err := c.normalizeItem(json.RawMessage(item), p)
 		switch {
 		case err != nil:
-			return invalid(p, "Invalid type for '%s': expected an object.", p)
+			return wrongType(p, "an object")
 		case string(o["type"]) == `"additional_tools"`:
 			var tools []json.RawMessage
 			json.Unmarshal(o["tools"], &tools)
@@ -657,12 +644,11 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 	return nil
 }
 
-// normalizeItem makes an input item acceptable with store=false: it removes "id" (the backend
-// answers ids it issued with 404 "Item with id … not found"), turns role "system" into
-// "developer" ("System messages are not allowed"), adds "type":"message" to the type-less
-// message shorthand, and drops from content parts the keys the backend refuses (Anthropic-style
-// prompt caching). Marshalling the result gives canonical bytes (sorted keys, compact), so
-// normalizing twice changes nothing, which lets sessions compare transcripts.
+// normalizeItem makes an input item acceptable with store=false: no "id" (the backend answers
+// ids it issued with 404 "Item with id … not found"), no role "system" ("System messages are
+// not allowed"), a type on the message shorthand, and no prompt-caching keys in content parts.
+// Its marshalled bytes are canonical, so normalizing twice changes nothing, which lets
+// sessions compare transcripts.
 func (c *call) normalizeItem(item json.RawMessage, param string) (object, error) {
 	var o object
 	if err := json.Unmarshal(item, &o); err != nil || o == nil {
@@ -682,7 +668,8 @@ func (c *call) normalizeItem(item json.RawMessage, param string) (object, error)
 	var parts []object
 	content := o["content"]
 	if !bytes.Contains(content, []byte(`"cache_control"`)) &&
-		!bytes.Contains(content, []byte(`"prompt_cache_breakpoint"`)) || json.Unmarshal(content, &parts) != nil {
+		!bytes.Contains(content, []byte(`"prompt_cache_breakpoint"`)) ||
+		json.Unmarshal(content, &parts) != nil {
 		return o, nil
 	}
 	for j, p := range parts {
@@ -735,7 +722,6 @@ func (m claudeModels) codexModel(model string) string {
 	return cmp.Or(m["sonnet"], model)
 }
 
-// anthropicBlock is a content block of the Anthropic Messages API.
 type anthropicBlock struct {
 	Type      string           `json:"type"`
 	Text      string           `json:"text"`
@@ -783,9 +769,8 @@ type anthropicRequest struct {
 	Stream bool `json:"stream"`
 }
 
-// parseMessages translates an Anthropic Messages body: the system prompt becomes a developer
-// message, blocks become items, tools become function tools, and a thinking budget becomes a
-// reasoning effort with summaries (which come back as thinking blocks). metadata is ignored;
+// parseMessages translates an Anthropic Messages body; a thinking budget becomes a reasoning
+// effort with summaries, which come back as thinking blocks. metadata is dropped silently;
 // max_tokens, temperature, stop_sequences and the like are dropped and named.
 func parseMessages(body []byte, models claudeModels) (*call, error) {
 	var r anthropicRequest
@@ -836,7 +821,6 @@ func parseMessages(body []byte, models claudeModels) (*call, error) {
 	return c, nil
 }
 
-// anthropicTools takes the tools and tool_choice of a Messages request.
 func (c *call) anthropicTools(r *anthropicRequest) {
 	for i, t := range r.Tools {
 		switch {
@@ -859,10 +843,9 @@ func (c *call) anthropicTools(r *anthropicRequest) {
 	}
 }
 
-// anthropicItems appends a message's blocks (or the system prompt's) as input items: runs of
-// text and images as messages, tool results as function_call_output, tool uses as
-// function_call, and a thinking block that carries ccproxy's signature (the backend's
-// encrypted reasoning) as the reasoning item it came from.
+// anthropicItems appends a message's blocks (or the system prompt's) as input items. A
+// thinking block whose signature is the backend's encrypted reasoning becomes the reasoning
+// item it came from.
 func (c *call) anthropicItems(param, role string, content rawJSON) error {
 	var blocks []anthropicBlock
 	var s string
@@ -891,19 +874,15 @@ func (c *call) anthropicItems(param, role string, content rawJSON) error {
 		if !isNull(b.Cache) {
 			c.ignore(bp + ".cache_control")
 		}
+		var item any
 		switch {
 		case b.Type == "text":
 			parts = append(parts, textPart{textType, b.Text})
-			continue
 		case b.Type == "image" && role == "user" && b.Source != nil:
 			parts = append(parts, anthropicImage(b.Source))
-			continue
-		case b.Type == "redacted_thinking" || b.Type == "thinking" && !strings.HasPrefix(b.Signature, "gAAAA"):
-			continue // not the backend's: it could not read it
-		}
-		flush()
-		var item any
-		switch {
+		case b.Type == "redacted_thinking" ||
+			b.Type == "thinking" && !strings.HasPrefix(b.Signature, "gAAAA"):
+			// Not the backend's encrypted reasoning: it could not read it.
 		case b.Type == "tool_result" && role == "user":
 			item = toolResult(&b)
 		case b.Type == "tool_use" && role == "assistant":
@@ -918,14 +897,16 @@ func (c *call) anthropicItems(param, role string, content rawJSON) error {
 		default:
 			return invalid(bp+".type", "%s.type: %q is not supported here", bp, b.Type)
 		}
-		c.input = append(c.input, marshal(item))
+		if item != nil {
+			flush()
+			c.input = append(c.input, marshal(item))
+		}
 	}
 	flush()
 	return nil
 }
 
-// anthropicImage is an input_image of an Anthropic image source. The base64 data is copied
-// into the data URL as it came, without being decoded.
+// anthropicImage copies base64 data into the data URL as it came, without decoding it.
 func anthropicImage(src *anthropicSource) inputImage {
 	if src.Type == "url" || len(src.Data) < 2 || strings.ContainsAny(src.MediaType, `"\`) {
 		return inputImage{Type: "input_image", ImageURL: marshal(src.URL)}
@@ -934,8 +915,6 @@ func anthropicImage(src *anthropicSource) inputImage {
 	return inputImage{Type: "input_image", ImageURL: url}
 }
 
-// toolResult is a function_call_output of a tool_result block: its text, or its text and
-// images as output parts; an error result says so first.
 func toolResult(b *anthropicBlock) any {
 	var blocks []anthropicBlock
 	var text string
@@ -971,7 +950,7 @@ type imageRequest struct {
 }
 
 // parseImages translates an Images API body into the call of one turn that draws with the
-// backend's image_generation tool, and the number of images (turns) asked for. model is the
+// backend's image_generation tool, and the number of turns (images) asked for. model is the
 // Codex model that draws; an image model id of OpenAI's API (gpt-image-1, dall-e-3) means it.
 func parseImages(body []byte, model string) (*call, int, error) {
 	r := imageRequest{N: 1}
@@ -981,7 +960,7 @@ func parseImages(body []byte, model string) (*call, int, error) {
 	case err != nil:
 		return nil, 0, err
 	case r.Prompt == "":
-		return nil, 0, invalid("prompt", "Missing required parameter: 'prompt'.")
+		return nil, 0, missing("prompt")
 	case r.ResponseFormat != "" && r.ResponseFormat != "b64_json":
 		return nil, 0, invalid("response_format", "Invalid value for 'response_format': "+
 			"ccproxy has no URL to give; the images come back as b64_json (omit response_format).")
@@ -1009,8 +988,8 @@ func parseImages(body []byte, model string) (*call, int, error) {
 	return c, r.N, nil
 }
 
-// imagesAnswer is the Images API answer of finished turns: each turn's image, with the prompt
-// the model drew from. A turn that drew nothing is an error that carries what the model said.
+// imagesAnswer is the Images API answer of finished turns. A turn that drew nothing is an
+// error that carries what the model said.
 func imagesAnswer(turns []*turn, created int64) ([]byte, error) {
 	type image struct {
 		B64JSON       string `json:"b64_json"`
@@ -1030,8 +1009,9 @@ func imagesAnswer(turns []*turn, created int64) ([]byte, error) {
 			}
 		}
 		if len(data) == n {
-			return nil, &apiError{kind: errInvalid, code: "no_image", msg: "the model answered without an image: " +
-				cmp.Or(strings.TrimSpace(answerText(t)), "(no text either)")}
+			said := cmp.Or(strings.TrimSpace(answerText(t)), "(no text either)")
+			return nil, &apiError{kind: errInvalid, code: "no_image",
+				msg: "the model answered without an image: " + said}
 		}
 		in, out = in+t.usage.InputTokens, out+t.usage.OutputTokens
 	}
@@ -1068,7 +1048,8 @@ func closeCalls(items []json.RawMessage, from int) []json.RawMessage {
 			if it.Type == "custom_tool_call" {
 				kind = "custom_tool_call_output"
 			}
-			items = slices.Insert(slices.Clip(items), calls[j]+1, marshal(callOutput{kind, it.CallID, "aborted"}))
+			out := marshal(callOutput{kind, it.CallID, "aborted"})
+			items = slices.Insert(slices.Clip(items), calls[j]+1, out)
 		}
 	}
 	return items
@@ -1093,8 +1074,8 @@ type upstreamBody struct {
 	ServiceTier       string            `json:"service_tier,omitempty"`
 }
 
-// request is one upstream request, built once by buildRequest and never changed after; the
-// upstream client adds the credentials on each attempt.
+// request is built once by buildRequest and never changed after; the upstream client adds
+// the credentials on each attempt.
 type request struct {
 	model  string
 	body   []byte
@@ -1102,8 +1083,8 @@ type request struct {
 }
 
 // prompt says how a request carries instructions: key is the "instructions" member (nil for
-// none), and with asMessage the client's own instructions travel as a leading developer message,
-// as the Codex CLI sends its prompt.
+// none); with asMessage the client's instructions lead the input as a developer message, as
+// the Codex CLI sends its prompt.
 type prompt struct {
 	key       *string
 	asMessage bool
@@ -1113,13 +1094,14 @@ type prompt struct {
 // for every model whose catalog entry has use_responses_lite.
 const liteHeader = "X-Openai-Internal-Codex-Responses-Lite"
 
-// buildRequest is the one place an upstream request is made: from the call, the input (the
-// session's transcript and this turn), the model's catalog entry (nil when unknown), the
-// instructions and the session id, which names the conversation for the prompt cache.
+// buildRequest is the one place an upstream request is made. input is the session's transcript
+// and this turn, m the model's catalog entry (nil when unknown), and sid names the
+// conversation for the prompt cache.
 func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, sid string) *request {
 	b := upstreamBody{Model: c.model, Instructions: p.key, ToolChoice: c.toolChoice,
-		ParallelToolCalls: c.parallel, Reasoning: maps.Clone(c.reasoning), Stream: true, Include: c.include,
-		PromptCacheKey: cmp.Or(c.cacheKey, sid), Text: c.text, ClientMetadata: c.metadata, ServiceTier: c.tier}
+		ParallelToolCalls: c.parallel, Reasoning: maps.Clone(c.reasoning), Stream: true,
+		Include: c.include, PromptCacheKey: cmp.Or(c.cacheKey, sid), Text: c.text,
+		ClientMetadata: c.metadata, ServiceTier: c.tier}
 	h := http.Header{"Accept": {"text/event-stream"}, "Session-Id": {sid}}
 	maps.Copy(h, c.header)
 	if m != nil && m.Summary != nil && !*m.Summary { // gpt-5.3-codex-spark refuses the member
@@ -1165,9 +1147,8 @@ func buildRequest(c *call, input []json.RawMessage, m *catalogModel, p prompt, s
 	return &request{model: c.model, body: out, header: h}
 }
 
-// check refuses, before any upstream call, what the model's catalog entry says it cannot take:
-// an effort it lacks, an image when it reads only text, a service tier it does not offer. A
-// model the catalog does not know is the backend's to judge.
+// check refuses, before any upstream call, what the model's catalog entry says it cannot take.
+// A model the catalog does not know is the backend's to judge.
 func check(c *call, m *catalogModel) error {
 	if m == nil {
 		return nil
@@ -1183,7 +1164,8 @@ func check(c *call, m *catalogModel) error {
 			"Supported values are: %s.", effort, m.Slug, quoteList(efforts))
 	}
 	hasImage := func(it json.RawMessage) bool { return bytes.Contains(it, []byte(`"input_image"`)) }
-	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") && slices.ContainsFunc(c.input, hasImage) {
+	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") &&
+		slices.ContainsFunc(c.input, hasImage) {
 		param := "input"
 		if c.api != apiResponses {
 			param = "messages"
@@ -1249,9 +1231,9 @@ func (ev *event) decode(name, data []byte) {
 			return
 		}
 	}
-	var te *json.UnmarshalTypeError
 	err := json.Unmarshal(data, ev)
-	ev.ok = err == nil || errors.As(err, &te)
+	_, typeErr := errors.AsType[*json.UnmarshalTypeError](err)
+	ev.ok = err == nil || typeErr
 	ev.typ = cmp.Or(ev.typ, ev.Type)
 }
 
@@ -1297,7 +1279,7 @@ func scanDelta(data []byte) (id, delta []byte, idx int, ok bool) {
 	}
 }
 
-// stringEnd returns the index after the JSON string that starts at data[i], or -1.
+// stringEnd is the index after the JSON string that starts at data[i], or -1.
 func stringEnd(data []byte, i int) int {
 	if i >= len(data) || data[i] != '"' {
 		return -1
@@ -1313,12 +1295,7 @@ func stringEnd(data []byte, i int) int {
 	return -1
 }
 
-// backendError is the error of response.failed or of an error event.
-type backendError struct {
-	Type    string `json:"type"`
-	Code    string `json:"code"`
-	Message string `json:"message"`
-}
+type backendError struct{ Type, Code, Message string }
 
 // tokenUsage is the backend's token usage; the details may be null, which leaves them zero.
 type tokenUsage struct {
@@ -1333,33 +1310,19 @@ type tokenUsage struct {
 	} `json:"output_tokens_details"`
 }
 
-// backendResponse is the part of a "response" object the turn reads.
 type backendResponse struct {
-	ID                string            `json:"id"`
-	Output            []json.RawMessage `json:"output"`
-	Usage             tokenUsage        `json:"usage"`
-	Error             *backendError     `json:"error"`
-	IncompleteDetails struct {
-		Reason string `json:"reason"`
-	} `json:"incomplete_details"`
+	ID                string                  `json:"id"`
+	Output            []json.RawMessage       `json:"output"`
+	Usage             tokenUsage              `json:"usage"`
+	Error             *backendError           `json:"error"`
+	IncompleteDetails struct{ Reason string } `json:"incomplete_details"`
 }
 
-// outputItem is the part of an output item the renderers read.
 type outputItem struct {
-	Type      string       `json:"type"`
-	ID        string       `json:"id"`
-	CallID    string       `json:"call_id"`
-	Name      string       `json:"name"`
-	Arguments string       `json:"arguments"`
-	Content   []outputText `json:"content"`
-	Summary   []outputText `json:"summary"`
-	Encrypted string       `json:"encrypted_content"`
-}
-
-// outputText is a content or summary part of an output item.
-type outputText struct {
-	Text    string `json:"text"`
-	Refusal string `json:"refusal"`
+	Type, ID, Name, Arguments string
+	CallID                    string `json:"call_id"`
+	Content, Summary          []struct{ Text, Refusal string }
+	Encrypted                 string `json:"encrypted_content"`
 }
 
 type pieceKind int
@@ -1399,9 +1362,10 @@ type turn struct {
 	sawItems bool        // some item came by output_item.done
 	streamed []string    // ids of items whose content came as deltas
 	calls    []callState // the reply's function calls so far
-	p        piece       // the piece being emitted, kept here so emitting costs no allocation
+	p        piece       // the piece being emitted
 }
 
+// emit passes p to emit through t.p, so that emitting costs no allocation.
 func (t *turn) emit(emit func(*piece), p piece) {
 	t.p = p
 	emit(&t.p)
@@ -1471,21 +1435,18 @@ func (t *turn) finish(raw json.RawMessage, emit func(*piece)) {
 	}
 }
 
-// mark remembers that item id's content came as deltas.
 func (t *turn) mark(id string) {
 	if !slices.Contains(t.streamed, id) {
 		t.streamed = append(t.streamed, id)
 	}
 }
 
-// call finds a call by its item id or call id; -1 when unknown.
 func (t *turn) call(itemID, callID string) int {
 	return slices.IndexFunc(t.calls, func(c callState) bool {
 		return c.itemID == itemID && itemID != "" || c.callID == callID && callID != ""
 	})
 }
 
-// newCall registers a function call and emits its start.
 func (t *turn) newCall(it *outputItem, emit func(*piece)) {
 	t.calls = append(t.calls, callState{it.ID, it.CallID, it.Arguments != ""})
 	t.emit(emit, piece{kind: pieceCall, item: it.ID, call: len(t.calls) - 1, text: it.Arguments,
@@ -1532,7 +1493,6 @@ func (t *turn) itemDone(raw json.RawMessage, emit func(*piece)) {
 	}
 }
 
-// failure is the error an error or response.failed event reports.
 func (ev *event) failure() error {
 	e := cmp.Or(ev.Error, &backendError{Code: ev.Code, Message: ev.Message})
 	var r backendResponse
@@ -1572,7 +1532,6 @@ func failureError(code, message string) error {
 
 var retryIn = regexp.MustCompile(`(?i)try again in\s*(\d+(?:\.\d+)?)\s*(s|ms|seconds?)\b`)
 
-// finishReason maps how the turn ended to the chat finish_reason.
 func (t *turn) finishReason(toolCalls bool) string {
 	switch {
 	case toolCalls:
@@ -1593,7 +1552,7 @@ type paragraphs struct {
 	begun bool
 }
 
-// sep returns what goes before p's text: a blank line when it starts a new part.
+// sep is what goes before p's text: a blank line when it starts a new part.
 func (g *paragraphs) sep(p *piece) string {
 	sep := ""
 	if g.begun && (p.item != g.item || p.part != g.part) {
@@ -1611,7 +1570,6 @@ func collect(t *turn, emit func(*piece)) {
 	}
 }
 
-// answerText is the answer text of a finished turn.
 func answerText(t *turn) string {
 	var b strings.Builder
 	collect(t, func(p *piece) {
@@ -1628,7 +1586,6 @@ func chatHead(object, id string, created int64, model string) []byte {
 		marshal(id), object, created, marshal(model))
 }
 
-// chatUsage is the backend's usage as Chat Completions reports it.
 func chatUsage(u tokenUsage) []byte {
 	return fmt.Appendf(nil, `{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,`+
 		`"prompt_tokens_details":{"cached_tokens":%d},"completion_tokens_details":{"reasoning_tokens":%d}}`,
@@ -1655,7 +1612,8 @@ func newToolCall(p *piece, typ string) chatToolCall {
 
 // chatCompletion builds the chat.completion of a finished turn. Unlike the stream, which cannot
 // take back tags it already sent, it has no tags when the turn calls tools.
-func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode, jsonMode bool) []byte {
+func chatCompletion(t *turn, id string, created int64, model string, mode reasoningMode,
+	jsonMode bool) []byte {
 	var m struct {
 		Role             string         `json:"role"`
 		Content          *string        `json:"content"`
@@ -1706,7 +1664,6 @@ type chatStream struct {
 	buf, d   []byte // reused for the chunk and its delta
 }
 
-// newChatStream starts a chat stream; id, created and model appear in every chunk.
 func newChatStream(id string, created int64, model string, mode reasoningMode, jsonMode bool,
 	emit func([]byte)) *chatStream {
 	return &chatStream{head: chatHead("chat.completion.chunk", id, created, model), mode: mode, emit: emit,
@@ -1729,14 +1686,12 @@ func (s *chatStream) send(d []byte, finish string) {
 	s.emit(s.buf)
 }
 
-// text emits {key: pre+text} as one delta.
 func (s *chatStream) text(key, pre, text string) {
 	s.d = append(append(append(s.d[:0], `{"`...), key...), `":"`...)
 	s.d = append(appendEscaped(appendEscaped(s.d, pre), text), `"}`...)
 	s.send(s.d, "")
 }
 
-// piece emits the chunks of one piece of the reply.
 func (s *chatStream) piece(p *piece) {
 	switch p.kind {
 	case pieceText:
@@ -1767,7 +1722,6 @@ func (s *chatStream) piece(p *piece) {
 	}
 }
 
-// finish emits the one chunk with a finish_reason and, when asked for, the usage chunk.
 func (s *chatStream) finish(t *turn, includeUsage bool) {
 	s.send([]byte("{}"), t.finishReason(s.calls > 0))
 	if includeUsage {
@@ -1820,23 +1774,22 @@ type anthropicStream struct {
 	calls     []chatToolCall
 }
 
-// send emits one event.
 func (s *anthropicStream) send(name string, fields map[string]any) {
 	fields["type"] = name
 	s.emit(name, marshal(fields))
 }
 
-// begin sends message_start, once.
 func (s *anthropicStream) begin() {
 	if !s.started {
 		s.started = true
-		s.send("message_start", map[string]any{"message": map[string]any{"id": s.id, "type": "message",
-			"role": "assistant", "model": s.model, "content": []any{}, "stop_reason": nil, "stop_sequence": nil,
+		s.send("message_start", map[string]any{"message": map[string]any{"id": s.id,
+			"type": "message", "role": "assistant", "model": s.model, "content": []any{},
+			"stop_reason": nil, "stop_sequence": nil,
 			"usage": map[string]int{"input_tokens": 0, "output_tokens": 0}}})
 	}
 }
 
-// block makes the open block cb, of item, unless it is already.
+// block makes cb, of item, the open block unless it is already.
 func (s *anthropicStream) block(cb map[string]any, item string) {
 	if s.begin(); s.open == cb["type"] && s.item == item {
 		return
@@ -1847,7 +1800,6 @@ func (s *anthropicStream) block(cb map[string]any, item string) {
 	s.blocks++
 }
 
-// stop ends the open block.
 func (s *anthropicStream) stop() {
 	if s.open != "" {
 		s.send("content_block_stop", map[string]any{"index": s.blocks - 1})
@@ -1855,12 +1807,10 @@ func (s *anthropicStream) stop() {
 	}
 }
 
-// delta emits a delta to the open block.
 func (s *anthropicStream) delta(d map[string]any) {
 	s.send("content_block_delta", map[string]any{"index": s.blocks - 1, "delta": d})
 }
 
-// piece emits the events of one piece of the reply.
 func (s *anthropicStream) piece(p *piece) {
 	switch p.kind {
 	case pieceText:
@@ -1880,7 +1830,6 @@ func (s *anthropicStream) piece(p *piece) {
 	}
 }
 
-// finish emits the tool uses, the stop reason and the usage.
 func (s *anthropicStream) finish(t *turn) {
 	stop := "end_turn"
 	if t.incomplete == "max_output_tokens" {
@@ -1890,7 +1839,8 @@ func (s *anthropicStream) finish(t *turn) {
 		stop = "tool_use"
 		s.block(map[string]any{"type": "tool_use", "id": c.ID, "name": c.Function.Name,
 			"input": map[string]any{}}, c.ID)
-		s.delta(map[string]any{"type": "input_json_delta", "partial_json": cmp.Or(c.Function.Arguments, "{}")})
+		args := cmp.Or(c.Function.Arguments, "{}")
+		s.delta(map[string]any{"type": "input_json_delta", "partial_json": args})
 	}
 	s.begin()
 	s.stop()
@@ -1964,7 +1914,8 @@ func responseObject(t *turn, c *call) []byte {
 		if c.previousID != "" {
 			o["previous_response_id"] = marshal(c.previousID)
 		}
-		o["instructions"], o["tools"], o["tool_choice"] = marshal(c.instructions), json.RawMessage("[]"), c.toolChoice
+		o["instructions"], o["tool_choice"] = marshal(c.instructions), c.toolChoice
+		o["tools"] = json.RawMessage("[]")
 		if c.tools != nil {
 			o["tools"] = marshal(c.tools)
 		}
