@@ -90,9 +90,8 @@ func (c *call) ignore(name string) {
 // object is a JSON object decoded one level deep.
 type object map[string]json.RawMessage
 
-// rawJSON is a JSON value kept as the bytes of the request body it came in, not a copy: an
-// inline image is most of a large body, and would otherwise be copied at every level it is
-// decoded through. Request bodies are read once and never changed.
+// rawJSON keeps a JSON value as the bytes of the request body, not a copy, since an inline image
+// is most of a large body. Request bodies are read once and never changed.
 type rawJSON []byte
 
 func (r *rawJSON) UnmarshalJSON(b []byte) error {
@@ -108,10 +107,9 @@ var responsesParams = []string{"model", "input", "instructions", "tools", "tool_
 	"parallel_tool_calls", "reasoning", "text", "include", "prompt_cache_key", "client_metadata",
 	"stream", "previous_response_id", "service_tier", "store"}
 
-// decodeBody decodes a request body, which must be a JSON object, into v. It returns the
-// non-null members outside known, sorted: they are not sent upstream, because the backend
-// answers anything it does not know with 400 "Unsupported parameter", but the client is told.
-// store:false is not listed: it is what the backend gets anyway.
+// decodeBody decodes a JSON object into v and returns its non-null members outside known,
+// sorted: the backend answers those with 400 "Unsupported parameter", so they are dropped, and
+// the client is told. store:false is not listed: it is what the backend gets anyway.
 func decodeBody(body []byte, known []string, v any) ([]string, error) {
 	var o map[string]rawJSON
 	if json.Unmarshal(body, &o) != nil || o == nil {
@@ -182,8 +180,7 @@ func newCall(model, tier string, ignored []string) (*call, string, error) {
 	}
 	c := &call{model: base, toolChoice: json.RawMessage(`"auto"`), include: []string{encryptedReasoning},
 		ignored: slices.DeleteFunc(ignored, func(k string) bool { return k == "service_tier" })}
-	// The backend knows priority (shown as "Fast", and what Codex calls fast) and default; it
-	// refuses anything else, which is therefore dropped and named.
+	// The backend knows only priority (Codex's "Fast") and default.
 	switch tier {
 	case "", "default":
 		c.tier = tier
@@ -198,9 +195,8 @@ func newCall(model, tier string, ignored []string) (*call, string, error) {
 	return c, effort, nil
 }
 
-// splitEffort removes a reasoning-effort suffix from a model name, as peers accept: "-high" for
-// the classic efforts, ":" also for max and ultra. "-max" and "-mini" are never suffixes:
-// gpt-5.1-codex-max and gpt-5.1-codex-mini are models.
+// splitEffort removes a reasoning-effort suffix, as peers accept: "-high", and ":" also for max
+// and ultra. "-max" and "-mini" are never suffixes: gpt-5.1-codex-max and -mini are models.
 func splitEffort(model string) (base, effort string) {
 	efforts := []string{"none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra"}
 	if i := strings.LastIndexByte(model, ':'); i > 0 && slices.Contains(efforts, model[i+1:]) {
@@ -647,8 +643,7 @@ func (c *call) responsesInput(raw json.RawMessage) error {
 // normalizeItem makes an input item acceptable with store=false: no "id" (the backend answers
 // ids it issued with 404 "Item with id … not found"), no role "system" ("System messages are
 // not allowed"), a type on the message shorthand, and no prompt-caching keys in content parts.
-// Its marshalled bytes are canonical, so normalizing twice changes nothing, which lets
-// sessions compare transcripts.
+// Its marshalled bytes are canonical, so sessions can compare transcripts.
 func (c *call) normalizeItem(item json.RawMessage, param string) (object, error) {
 	var o object
 	if err := json.Unmarshal(item, &o); err != nil || o == nil {
@@ -1359,7 +1354,6 @@ type turn struct {
 	began      bool   // output has reached the renderer: the turn cannot be tried again
 
 	indexes  []int       // output_index of each item that came by output_item.done
-	sawItems bool        // some item came by output_item.done
 	streamed []string    // ids of items whose content came as deltas
 	calls    []callState // the reply's function calls so far
 	p        piece       // the piece being emitted
@@ -1376,7 +1370,6 @@ type callState struct {
 	argsSent       bool
 }
 
-// add takes in one event and passes the pieces of the reply it carries to emit.
 func (t *turn) add(ev *event, emit func(*piece)) {
 	switch ev.typ {
 	case "response.output_text.delta":
@@ -1402,7 +1395,6 @@ func (t *turn) add(ev *event, emit func(*piece)) {
 		if len(ev.Item) == 0 {
 			return
 		}
-		t.sawItems = true
 		i, _ := slices.BinarySearch(t.indexes, ev.OutputIndex+1) // after equal indexes: arrival order
 		t.indexes = slices.Insert(t.indexes, i, ev.OutputIndex)
 		t.items = slices.Insert(t.items, i, ev.Item)
@@ -1428,7 +1420,7 @@ func (t *turn) finish(raw json.RawMessage, emit func(*piece)) {
 	if len(r.Output) > 0 {
 		t.items = r.Output
 	}
-	if !t.sawItems { // the items exist only here: nothing of them reached the client yet
+	if len(t.indexes) == 0 { // no item came by output_item.done: none reached the client yet
 		for _, raw := range t.items {
 			t.itemDone(raw, emit)
 		}
@@ -1604,8 +1596,8 @@ type chatToolCall struct {
 	} `json:"function"`
 }
 
-func newToolCall(p *piece, typ string) chatToolCall {
-	tc := chatToolCall{ID: p.callID, Type: typ}
+func newToolCall(p *piece) chatToolCall {
+	tc := chatToolCall{ID: p.callID, Type: "function"}
 	tc.Function.Name, tc.Function.Arguments = p.name, p.text
 	return tc
 }
@@ -1631,7 +1623,7 @@ func chatCompletion(t *turn, id string, created int64, model string, mode reason
 				reasoning.WriteString(g.sep(p) + p.text)
 			}
 		case pieceCall:
-			m.ToolCalls = append(m.ToolCalls, newToolCall(p, "function"))
+			m.ToolCalls = append(m.ToolCalls, newToolCall(p))
 		case pieceArgs:
 			m.ToolCalls[p.call].Function.Arguments += p.text
 		}
@@ -1712,7 +1704,7 @@ func (s *chatStream) piece(p *piece) {
 	case pieceCall: // the turn goes to tool calls: no tags
 		s.tagsDone = true
 		s.calls++
-		tc := newToolCall(p, "function")
+		tc := newToolCall(p)
 		tc.Index = &p.call
 		s.send(fmt.Appendf(s.d[:0], `{"tool_calls":[%s]}`, marshal(tc)), "")
 	case pieceArgs:
@@ -1757,10 +1749,8 @@ func appendEscaped(dst []byte, s string) []byte {
 	return append(dst, s[start:]...)
 }
 
-// anthropicStream writes a turn as the Anthropic Messages stream: message_start, a content block
-// per run of text and per reasoning item (start, deltas, stop), the tool uses, message_delta
-// with the stop reason and usage, message_stop. A thinking block ends with the reasoning's
-// encrypted content as its signature, so that a client that sends it back continues the
+// anthropicStream writes a turn as the Anthropic Messages stream. A thinking block ends with the
+// reasoning's encrypted content as its signature, so a client that sends it back continues the
 // backend's reasoning. Tool uses are sent whole at the end: their arguments may arrive
 // interleaved, and a block cannot be reopened.
 type anthropicStream struct {
@@ -1824,7 +1814,7 @@ func (s *anthropicStream) piece(p *piece) {
 			s.delta(map[string]any{"type": "signature_delta", "signature": p.text})
 		}
 	case pieceCall:
-		s.calls = append(s.calls, newToolCall(p, ""))
+		s.calls = append(s.calls, newToolCall(p))
 	case pieceArgs:
 		s.calls[p.call].Function.Arguments += p.text
 	}
@@ -1895,10 +1885,9 @@ func anthropicMessage(t *turn, id, model string) []byte {
 	return marshal(msg)
 }
 
-// responseObject is the Responses API object of a finished turn: the terminal response with
-// the turn's items as "output" and "output_text", and, for the call c when there is one, what
-// the OpenAI API echoes of the request, which the backend does not see (previous_response_id
-// and store) or sees otherwise (instructions, tools).
+// responseObject is the Responses API object of a finished turn and, when c is not nil, what
+// the OpenAI API echoes of the request that the backend does not see (previous_response_id,
+// store) or sees otherwise (instructions, tools).
 func responseObject(t *turn, c *call) []byte {
 	var o object
 	if json.Unmarshal(t.response, &o) != nil || o == nil {
