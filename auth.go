@@ -1,7 +1,6 @@
-// This file holds everything about the ChatGPT login: the credential file
-// shared with the Codex CLI, the token provider the proxy uses, and the
-// `ccproxy auth` commands. The OAuth client and the file layout are the Codex
-// CLI's (codex-rs/login/src/server.rs, codex-rs/login/src/auth/storage.rs).
+// This file holds the ChatGPT login: the credential file shared with the Codex CLI, the token
+// provider the proxy uses, and the `ccproxy auth` commands. The OAuth client and the file layout
+// are the Codex CLI's (openai/codex: codex-rs/login/src/server.rs, codex-rs/login/src/auth/storage.rs).
 
 package main
 
@@ -38,21 +37,16 @@ import (
 )
 
 const (
-	defaultIssuer = "https://auth.openai.com" // DEFAULT_ISSUER in Codex
-	// oauthClientID is the public client id of the Codex CLI; the server only
-	// accepts the redirect URIs registered for it, hence port 1455.
-	oauthClientID       = "app_EMoamEEZ73f0CkXaXp7hrann"
-	defaultCallbackPort = 1455
-	// refreshSkew refreshes an access token this long before its JWT exp, so a
-	// request never leaves with a token that expires on the way.
-	refreshSkew    = 5 * time.Minute
-	lockFileName   = ".ccproxy-auth.lock"
-	lockTimeout    = 30 * time.Second // a refresh takes seconds: longer means stuck
-	refreshTimeout = time.Minute      // bounds a refresh once sent (see authStore.refresh)
-	deviceTimeout  = 15 * time.Minute // how long a device code stays usable, as in Codex
+	defaultIssuer       = "https://auth.openai.com"      // DEFAULT_ISSUER in Codex
+	oauthClientID       = "app_EMoamEEZ73f0CkXaXp7hrann" // the Codex CLI's public client
+	defaultCallbackPort = 1455                           // the server accepts only its redirect URIs
+	lockFileName        = ".ccproxy-auth.lock"
+	refreshSkew         = 5 * time.Minute  // refresh this long before exp: no token expires in flight
+	lockTimeout         = 30 * time.Second // a refresh takes seconds: longer means stuck
+	refreshTimeout      = time.Minute      // bounds a refresh once sent (see authStore.refresh)
+	deviceTimeout       = 15 * time.Minute // how long a device code stays usable, as in Codex
 )
 
-// authUsage is the help text of `ccproxy auth`.
 const authUsage = `Usage: ccproxy auth COMMAND [flags]
 
 Log in with a ChatGPT Plus/Pro account. The credentials live in
@@ -86,11 +80,9 @@ var errLoginRequired = errors.New("run `ccproxy auth login-openai`")
 // secret is a token held in memory. Its LogValue keeps it out of every log.
 type secret string
 
-// LogValue implements slog.LogValuer.
 func (secret) LogValue() slog.Value { return slog.StringValue("REDACTED") }
 
 // authFilePath is $CODEX_HOME/auth.json, or ~/.codex/auth.json, as in the Codex CLI.
-// (On Unix os.UserHomeDir is $HOME, read here through getenv.)
 func authFilePath(getenv func(string) string) (string, error) {
 	if dir := getenv("CODEX_HOME"); dir != "" {
 		return filepath.Join(dir, "auth.json"), nil
@@ -101,7 +93,6 @@ func authFilePath(getenv func(string) string) (string, error) {
 	return "", errors.New("find auth file: $HOME is not set (set CODEX_HOME)")
 }
 
-// jwtClaims are the JWT claims ccproxy reads (codex-backend.md §1.7).
 type jwtClaims struct {
 	Exp   int64  `json:"exp"`
 	Email string `json:"email"`
@@ -114,9 +105,9 @@ type jwtClaims struct {
 	} `json:"https://api.openai.com/profile"`
 }
 
-// parseJWT decodes the payload of the JWT named name; an empty token has no
-// claims. The signature is not checked: the token comes from our own file or
-// from the issuer over TLS, and only the issuer acts on it. Errors never quote it.
+// parseJWT decodes the claims of the JWT named name (none for ""); errors never quote it. The
+// signature is not checked: the token comes from our file or the issuer over TLS, and only the
+// issuer acts on it.
 func parseJWT(name string, token secret) (c jwtClaims, err error) {
 	if token == "" {
 		return c, nil
@@ -153,13 +144,10 @@ type authFile struct {
 	idToken, accessToken, refreshToken secret
 	accountID                          string    // as stored; see account
 	lastRefresh                        time.Time // zero when absent
+	claimAccount, plan, email          string    // from the JWTs (see parseClaims)
+	expires                            time.Time // of the access token; zero when unknown
 
-	// From the JWT claims (see parseClaims).
-	claimAccount, plan, email string
-	expires                   time.Time // of the access token; zero when unknown
-
-	doc    map[string]json.RawMessage // top-level fields
-	tokens map[string]json.RawMessage // fields of "tokens"
+	doc, tokens map[string]json.RawMessage // the top-level fields and those of "tokens"
 }
 
 // decodeAuthFile parses auth.json in either layout.
@@ -183,7 +171,8 @@ func decodeAuthFile(data []byte) (*authFile, error) {
 			return nil, err
 		}
 	}
-	f.idToken, f.accessToken, f.refreshToken, f.accountID = secret(t.IDToken), secret(t.AccessToken), secret(t.RefreshToken), t.AccountID
+	f.idToken, f.accessToken = secret(t.IDToken), secret(t.AccessToken)
+	f.refreshToken, f.accountID = secret(t.RefreshToken), t.AccountID
 	// It is written back in UTC, which must keep a four-digit year, or the file
 	// would not read back ("9999-12-31T23:59:59-23:00" is year 10000 in UTC).
 	if f.lastRefresh = v.LastRefresh.UTC(); f.lastRefresh.Year() > 9999 || f.lastRefresh.Year() < 0 {
@@ -213,12 +202,11 @@ func (f *authFile) parseClaims() error {
 	return nil
 }
 
-// account is the ChatGPT account id: tokens.account_id, which is what Codex
-// sends, else the JWT claim (peers' fallback).
+// account is the ChatGPT account id: tokens.account_id, which Codex sends, else the JWT claim.
 func (f *authFile) account() string { return cmp.Or(f.accountID, f.claimAccount) }
 
-// encode renders f in the Codex CLI layout (codex-backend.md §2), keeping every
-// field it does not know. It cannot fail: every value is a string, null or parsed JSON.
+// encode renders f in the Codex CLI layout, keeping every field it does not know.
+// It cannot fail: every value is a string, null or parsed JSON.
 func (f *authFile) encode() []byte {
 	doc, tokens := map[string]json.RawMessage{}, map[string]json.RawMessage{}
 	maps.Copy(doc, f.doc)
@@ -285,8 +273,7 @@ func readDoc(path string) (map[string]json.RawMessage, error) {
 
 // lockAuthFile takes ccproxy's lock beside the credential file, held across a read, a refresh
 // and a write, so that two ccproxy processes never spend the single-use refresh token twice.
-// (The Codex CLI locks .auth-storage.lock with flock, which has no portable counterpart; it
-// re-reads the file before refreshing, and refresh below adopts what it wrote.)
+// The Codex CLI locks with flock, which has no portable counterpart; adopt covers its refreshes.
 func lockAuthFile(ctx context.Context, path string) (unlock func(), err error) {
 	ctx, cancel := context.WithTimeout(ctx, lockTimeout)
 	defer cancel()
@@ -324,27 +311,22 @@ func rollForward(path string) {
 	}
 }
 
-// sleepCtx waits for d or until ctx is done.
 func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
 	select {
-	case <-t.C:
+	case <-time.After(d): // no leak: since Go 1.23 an unfired timer is collected
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 }
 
-// tokenError is a failed answer from the OAuth server. Both error shapes are
-// seen: OpenAI's nested {"error":{"message","type","code"}} and RFC 6749
-// §5.2's {"error","error_description"} (codex-backend.md §1.4, §1.8).
+// tokenError is a failed answer from the OAuth server, in either shape seen: OpenAI's nested
+// {"error":{"message","type","code"}} or RFC 6749 section 5.2's {"error","error_description"}.
 type tokenError struct {
 	status            int
 	code, description string
 }
 
-// Error relays the server's code and description.
 func (e *tokenError) Error() string {
 	msg := strings.TrimSpace(fmt.Sprintf("http %d %s", e.status, e.code))
 	if e.description != "" {
@@ -363,7 +345,6 @@ func (e *tokenError) permanent() bool {
 	return e.status == http.StatusUnauthorized
 }
 
-// parseTokenError reads either error shape from body.
 func parseTokenError(status int, body []byte) *tokenError {
 	e := &tokenError{status: status}
 	var v struct {
@@ -382,8 +363,7 @@ func parseTokenError(status int, body []byte) *tokenError {
 	return e
 }
 
-// postJSON POSTs in as JSON to url and decodes a 2xx answer into out; any
-// other status is a *tokenError.
+// postJSON POSTs in as JSON to url and decodes a 2xx answer into out; other statuses are a *tokenError.
 func postJSON(ctx context.Context, client *http.Client, url string, in map[string]string, out any) error {
 	body, _ := json.Marshal(in) // a map of strings always marshals
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
@@ -406,35 +386,26 @@ func postJSON(ctx context.Context, client *http.Client, url string, in map[strin
 	return json.Unmarshal(data, out)
 }
 
-// authStore gives the proxy a valid access token, refreshing it when needed
-// without ever spending the shared refresh token twice: one refresh at a time
-// in this process (sem), one at a time across processes (the file lock), and
-// the file is re-read under the lock so a refresh by the Codex CLI is adopted
-// instead of repeated.
-//
-// The refresh is a plain JSON POST (codex-backend.md §1.8) rather than an
-// oauth2.TokenSource: the server answers with nested error bodies that
-// oauth2.RetrieveError does not parse, any of the three tokens may be missing
-// from the answer, and the cache that matters is the file shared with another
-// process, which an in-memory copy would only shadow. So every call reads the
-// file (a few KB, far cheaper than the upstream call it serves).
+// authStore gives the proxy a valid access token without ever spending the shared refresh token
+// twice: one refresh at a time in this process (sem) and across processes (the file lock), with
+// the file re-read under the lock, so a refresh by the Codex CLI is adopted, not repeated. It is
+// not an oauth2.TokenSource: oauth2.RetrieveError does not parse the server's nested errors,
+// the answer may omit any token, and the cache that matters is the file shared with Codex.
 type authStore struct {
 	path, issuer string
 	client       *http.Client
 	now          func() time.Time
 	write        func(path string, data []byte) error // writeFileAtomic; tests make it fail
-	sem          chan struct{}                        // capacity 1, held across a refresh; a channel so waiters honour ctx
+	sem          chan struct{}                        // a channel, so that waiters honour ctx
 	cached       atomic.Pointer[cachedAuth]           // the parsed file, valid while its stat is unchanged
-	// unsaved holds refreshed tokens the file could not take (disk full):
-	// the refresh token on disk is already spent, so these are the only
-	// ones left. They are served, and their write retried, on every call.
+	// unsaved holds refreshed tokens the file could not take (disk full): the refresh token on
+	// disk is spent, so these are the only ones left. Every call serves them and retries the write.
 	unsaved atomic.Pointer[authFile]
 }
 
-// newAuthStore returns a store for the auth file at path, refreshing through
-// issuer's token endpoint with client. now is the clock.
 func newAuthStore(path, issuer string, client *http.Client, now func() time.Time) *authStore {
-	return &authStore{path: path, issuer: issuer, client: client, now: now, write: writeFileAtomic, sem: make(chan struct{}, 1)}
+	return &authStore{path: path, issuer: issuer, client: client, now: now, write: writeFileAtomic,
+		sem: make(chan struct{}, 1)}
 }
 
 // token returns a valid access token and the ChatGPT account id. rejected, when
@@ -472,19 +443,18 @@ func (a *authStore) loggedIn() bool {
 	return err == nil
 }
 
-// cachedAuth is a parsed credential file and the stat it was read at.
 type cachedAuth struct {
 	f  *authFile
-	fi os.FileInfo
+	fi os.FileInfo // the stat f was read at
 }
 
-// read returns the parsed credential file, re-reading it only when its stat
-// changed: one stat per request instead of an open, a read and two JWT
-// decodes. Writers replace the file by rename (a new inode) or rewrite it
-// (a new mtime), so another process's refresh is still seen at once.
+// read returns the parsed credential file, re-reading it only when its stat changed: one
+// stat per request instead of an open, a read and two JWT decodes. Writers replace the file
+// by rename (a new inode) or rewrite it (a new mtime), so another process's refresh is seen.
 func (a *authStore) read() (*authFile, error) {
 	fi, err := os.Stat(a.path)
-	if c := a.cached.Load(); err == nil && c != nil && os.SameFile(c.fi, fi) && c.fi.ModTime().Equal(fi.ModTime()) && c.fi.Size() == fi.Size() {
+	if c := a.cached.Load(); err == nil && c != nil && os.SameFile(c.fi, fi) &&
+		c.fi.ModTime().Equal(fi.ModTime()) && c.fi.Size() == fi.Size() {
 		return c.f, nil
 	}
 	f, err := readAuthFile(a.path)
@@ -503,8 +473,8 @@ func (a *authStore) stale(f *authFile, rejected string) bool {
 	return !f.expires.IsZero() && !a.now().Add(refreshSkew).Before(f.expires)
 }
 
-// refresh runs under the file lock: re-read, and unless the token on disk is
-// already fresh, spend the refresh token and write the answer back.
+// refresh, under the file lock, re-reads the file and, unless its token is fresh by now, spends
+// the refresh token and writes the answer back.
 func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, error) {
 	unlock, err := lockAuthFile(ctx, a.path)
 	if err != nil {
@@ -519,17 +489,18 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 		return f, err
 	}
 	if f.refreshToken == "" {
-		return nil, fmt.Errorf("access token expired and %s has no refresh token: %w", a.path, errLoginRequired)
+		return nil, fmt.Errorf("access token expired and %s has no refresh token: %w",
+			a.path, errLoginRequired)
 	}
-	// From here the refresh token is spent. If the caller gave up (a client
-	// disconnect) and the answer were dropped, the rotated refresh token would
-	// be lost and the user logged out, so the request and the write outlive ctx.
+	// From here the refresh token is spent. Were the answer dropped because the caller gave up,
+	// the rotated refresh token would be lost and the user logged out: outlive ctx.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refreshTimeout)
 	defer cancel()
 	var resp tokenFields
-	req := map[string]string{"client_id": oauthClientID, "grant_type": "refresh_token", "refresh_token": string(f.refreshToken)}
+	req := map[string]string{"client_id": oauthClientID, "grant_type": "refresh_token",
+		"refresh_token": string(f.refreshToken)}
 	if err := postJSON(ctx, a.client, a.issuer+"/oauth/token", req, &resp); err != nil {
-		if te := (*tokenError)(nil); errors.As(err, &te) && te.permanent() {
+		if te, ok := errors.AsType[*tokenError](err); ok && te.permanent() {
 			if g := a.adopt(ctx, f.refreshToken); g != nil {
 				return g, nil
 			}
@@ -605,13 +576,8 @@ func (l *login) browser(ctx context.Context, port int) error {
 	defer cancel()
 	// The redirect host is "localhost": it is what the OAuth server has registered.
 	cfg := l.oauthConfig(fmt.Sprintf("http://localhost:%d/auth/callback", ln.Addr().(*net.TCPAddr).Port))
-	verifier := oauth2.GenerateVerifier() // fresh per attempt (RFC 7636 §4.1)
-	state := oauth2.GenerateVerifier()    // also 32 random bytes, base64url: Codex's state (codex-backend.md §1.3)
-	authURL := cfg.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier),
-		oauth2.SetAuthURLParam("id_token_add_organizations", "true"),
-		oauth2.SetAuthURLParam("codex_cli_simplified_flow", "true"),
-		oauth2.SetAuthURLParam("originator", "codex_cli_rs"))
-
+	verifier := oauth2.GenerateVerifier() // fresh per attempt (RFC 7636 section 4.1)
+	state := oauth2.GenerateVerifier()    // also 32 random bytes, base64url, as Codex's state
 	results := make(chan error, 1)
 	report := func(err error) { // the first outcome ends the login; later ones are dropped
 		select {
@@ -619,73 +585,33 @@ func (l *login) browser(ctx context.Context, port int) error {
 		default:
 		}
 	}
-	// exchange ends the login with a redirect's query (codex-backend.md §1.3), unless
-	// it lacks this attempt's state (a stale tab, a forged link): then mine is false.
+	// exchange ends the login with a redirect's query, unless it lacks this attempt's
+	// state (a stale tab, a forged link): then mine is false.
 	exchange := func(q url.Values) (mine bool, err error) {
 		if subtle.ConstantTimeCompare([]byte(q.Get("state")), []byte(state)) != 1 {
 			return false, nil
 		}
-		switch e, desc := q.Get("error"), q.Get("error_description"); {
-		case e == "access_denied" && strings.Contains(desc, "missing_codex_entitlement"):
-			err = errors.New("login refused: Codex is not enabled for your workspace; ask your ChatGPT workspace admin to enable it")
-		case e != "":
-			err = fmt.Errorf("login refused: %s", strings.TrimSuffix(e+": "+desc, ": "))
-		case q.Get("code") == "":
-			err = errors.New("login failed: the redirect carried no authorization code")
-		default:
+		if err = redirectError(q); err == nil {
 			err = l.finish(ctx, cfg, q.Get("code"), verifier)
 		}
 		report(err)
 		return true, err
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /auth/callback", func(w http.ResponseWriter, r *http.Request) {
-		switch mine, err := exchange(r.URL.Query()); {
-		case !mine:
-			writePage(w, http.StatusBadRequest, "State mismatch", "This link is not from the current login. Run ccproxy auth login-openai again.")
-		case err != nil:
-			writePage(w, http.StatusBadRequest, "Login failed", err.Error())
-		default:
-			writePage(w, http.StatusOK, "Logged in", "ccproxy is logged in with your ChatGPT account. You can close this tab.")
-		}
-	})
-	mux.HandleFunc("GET /cancel", func(w http.ResponseWriter, r *http.Request) {
-		writePage(w, http.StatusOK, "Login cancelled", "Another login took over.")
-		report(errors.New("login cancelled by another login"))
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go srv.Serve(ln)
-	defer func() {
-		// Shutdown, not Close, so the page of the request that ended the login is delivered.
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	}()
-
+	stop := serveCallbacks(ln, exchange, report)
+	defer stop()
+	authURL := cfg.AuthCodeURL(state, oauth2.S256ChallengeOption(verifier),
+		oauth2.SetAuthURLParam("id_token_add_organizations", "true"),
+		oauth2.SetAuthURLParam("codex_cli_simplified_flow", "true"),
+		oauth2.SetAuthURLParam("originator", "codex_cli_rs"))
 	if l.openBrowser != nil {
 		fmt.Fprintf(l.stderr, "opening a browser to log in; if none opens, visit:\n\n%s\n\n", authURL)
 		if err := l.openBrowser(authURL); err != nil {
 			fmt.Fprintf(l.stderr, "could not open a browser (%v); open the URL above yourself\n", err)
 		}
 	} else {
-		fmt.Fprintf(l.stderr, "open this URL in a browser to log in:\n\n%s\n\n"+
-			"if the browser cannot reach this machine, paste the URL it ends on (http://localhost:...) here\n", authURL)
-		go func() {
-			for sc := bufio.NewScanner(l.stdin); sc.Scan(); {
-				line := strings.TrimSpace(sc.Text())
-				u, err := url.Parse(line)
-				switch {
-				case line == "":
-				case err != nil || !u.Query().Has("state"):
-					fmt.Fprintln(l.stderr, "that is not the redirect URL; paste the whole address from the browser's address bar")
-				default:
-					if mine, _ := exchange(u.Query()); mine {
-						return // the outcome, success or not, has been reported
-					}
-					fmt.Fprintln(l.stderr, "state mismatch: that URL is from another login attempt")
-				}
-			}
-		}()
+		fmt.Fprintf(l.stderr, "open this URL in a browser to log in:\n\n%s\n\nif the browser cannot reach "+
+			"this machine, paste the URL it ends on (http://localhost:...) here\n", authURL)
+		go l.readPastes(exchange)
 	}
 	select {
 	case err := <-results:
@@ -695,15 +621,79 @@ func (l *login) browser(ctx context.Context, port int) error {
 	}
 }
 
+// redirectError is the failure that the query of the final redirect reports, if any.
+func redirectError(q url.Values) error {
+	switch e, desc := q.Get("error"), q.Get("error_description"); {
+	case e == "access_denied" && strings.Contains(desc, "missing_codex_entitlement"):
+		return errors.New("login refused: Codex is not enabled for your workspace; " +
+			"ask your ChatGPT workspace admin to enable it")
+	case e != "":
+		return fmt.Errorf("login refused: %s", strings.TrimSuffix(e+": "+desc, ": "))
+	case q.Get("code") == "":
+		return errors.New("login failed: the redirect carried no authorization code")
+	}
+	return nil
+}
+
+// serveCallbacks serves the final redirect on ln until stop, and /cancel for a later login.
+func serveCallbacks(ln net.Listener, exchange func(url.Values) (bool, error),
+	report func(error)) (stop func()) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /auth/callback", func(w http.ResponseWriter, r *http.Request) {
+		switch mine, err := exchange(r.URL.Query()); {
+		case !mine:
+			writePage(w, http.StatusBadRequest, "State mismatch",
+				"This link is not from the current login. Run ccproxy auth login-openai again.")
+		case err != nil:
+			writePage(w, http.StatusBadRequest, "Login failed", err.Error())
+		default:
+			writePage(w, http.StatusOK, "Logged in",
+				"ccproxy is logged in with your ChatGPT account. You can close this tab.")
+		}
+	})
+	mux.HandleFunc("GET /cancel", func(w http.ResponseWriter, r *http.Request) {
+		writePage(w, http.StatusOK, "Login cancelled", "Another login took over.")
+		report(errors.New("login cancelled by another login"))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	return func() {
+		// Shutdown, not Close, so the page of the request that ended the login is delivered.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	}
+}
+
+// readPastes exchanges redirect URLs pasted on stdin until one carries the login's state.
+func (l *login) readPastes(exchange func(url.Values) (bool, error)) {
+	for sc := bufio.NewScanner(l.stdin); sc.Scan(); {
+		line := strings.TrimSpace(sc.Text())
+		u, err := url.Parse(line)
+		switch {
+		case line == "":
+		case err != nil || !u.Query().Has("state"):
+			fmt.Fprintln(l.stderr, "that is not the redirect URL; "+
+				"paste the whole address from the browser's address bar")
+		default:
+			if mine, _ := exchange(u.Query()); mine {
+				return // the outcome, success or not, has been reported
+			}
+			fmt.Fprintln(l.stderr, "state mismatch: that URL is from another login attempt")
+		}
+	}
+}
+
 // listen binds the callback port on 127.0.0.1. A busy port is usually a login left
-// running: like Codex (codex-backend.md §1.6) ask it to /cancel, then retry.
+// running: like Codex, ask it to /cancel, then retry.
 func (l *login) listen(ctx context.Context, port int) (net.Listener, error) {
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	ln, err := net.Listen("tcp", addr)
 	if err == nil || port == 0 {
 		return ln, err
 	}
-	if req, rerr := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/cancel", nil); rerr == nil {
+	cancelURL := "http://" + addr + "/cancel"
+	if req, rerr := http.NewRequestWithContext(ctx, http.MethodGet, cancelURL, nil); rerr == nil {
 		if resp, rerr := l.client.Do(req); rerr == nil {
 			resp.Body.Close()
 		}
@@ -719,18 +709,19 @@ func (l *login) listen(ctx context.Context, port int) (net.Listener, error) {
 	return nil, fmt.Errorf("listen for the login callback: %w", err)
 }
 
-// finish trades an authorization code for tokens (codex-backend.md §1.4) and saves
-// them, keeping the file's other fields. It sets ChatGPT mode as Codex's login does:
-// an OPENAI_API_KEY left in the file would otherwise win (codex-backend.md §2).
+// finish trades an authorization code for tokens and saves them, keeping the file's other fields.
+// It sets ChatGPT mode as Codex's login does: an OPENAI_API_KEY left in the file would win.
 func (l *login) finish(ctx context.Context, cfg *oauth2.Config, code, verifier string) error {
-	tok, err := cfg.Exchange(context.WithValue(ctx, oauth2.HTTPClient, l.client), code, oauth2.VerifierOption(verifier))
-	if re := (*oauth2.RetrieveError)(nil); errors.As(err, &re) {
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, l.client)
+	tok, err := cfg.Exchange(ctx, code, oauth2.VerifierOption(verifier))
+	if re, ok := errors.AsType[*oauth2.RetrieveError](err); ok {
 		err = parseTokenError(re.Response.StatusCode, re.Body)
 	}
 	var f *authFile
 	if err == nil {
 		idToken, _ := tok.Extra("id_token").(string)
-		f = &authFile{idToken: secret(idToken), accessToken: secret(tok.AccessToken), refreshToken: secret(tok.RefreshToken), lastRefresh: l.now()}
+		f = &authFile{idToken: secret(idToken), accessToken: secret(tok.AccessToken),
+			refreshToken: secret(tok.RefreshToken), lastRefresh: l.now()}
 		err = f.parseClaims()
 	}
 	if err != nil {
@@ -750,8 +741,8 @@ func (l *login) finish(ctx context.Context, cfg *oauth2.Config, code, verifier s
 	return writeFileAtomic(l.path, f.encode())
 }
 
-// device runs the device-code flow (codex-backend.md §1.1): the user enters a code at
-// {issuer}/codex/device; polling then yields an authorization code and its verifier.
+// device runs the device-code flow: the user enters a code at {issuer}/codex/device;
+// polling then yields an authorization code and its verifier.
 func (l *login) device(ctx context.Context) error {
 	var uc struct {
 		DeviceAuthID string          `json:"device_auth_id"`
@@ -769,38 +760,39 @@ func (l *login) device(ctx context.Context) error {
 	if n, err := strconv.Atoi(strings.Trim(string(uc.Interval), `"`)); err == nil && n > 0 {
 		interval = time.Duration(n) * time.Second
 	}
-	fmt.Fprintf(l.stderr, "to log in, open %s/codex/device and enter this code:\n\n    %s\n\n(%s; the code expires in 15 minutes)\n",
-		l.issuer, userCode, hint)
+	fmt.Fprintf(l.stderr, "to log in, open %s/codex/device and enter this code:\n\n    %s\n\n"+
+		"(%s; the code expires in 15 minutes)\n", l.issuer, userCode, hint)
 	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
 	defer cancel()
 	for {
-		if err := l.wait(ctx, interval); err != nil {
-			return fmt.Errorf("wait for device code login: %w", err)
-		}
 		var tok struct {
 			AuthorizationCode string `json:"authorization_code"`
 			CodeVerifier      string `json:"code_verifier"`
 		}
 		req := map[string]string{"device_auth_id": uc.DeviceAuthID, "user_code": userCode}
-		err := postJSON(ctx, l.client, l.issuer+"/api/accounts/deviceauth/token", req, &tok)
-		if te := (*tokenError)(nil); errors.As(err, &te) && (te.status == http.StatusForbidden || te.status == http.StatusNotFound) {
+		err := l.wait(ctx, interval)
+		if err == nil {
+			err = postJSON(ctx, l.client, l.issuer+"/api/accounts/deviceauth/token", req, &tok)
+		}
+		if te, ok := errors.AsType[*tokenError](err); ok &&
+			(te.status == http.StatusForbidden || te.status == http.StatusNotFound) {
 			continue // not entered yet
 		}
 		if err != nil {
 			return fmt.Errorf("wait for device code login: %w", err)
 		}
-		return l.finish(ctx, l.oauthConfig(l.issuer+"/deviceauth/callback"), tok.AuthorizationCode, tok.CodeVerifier)
+		cfg := l.oauthConfig(l.issuer + "/deviceauth/callback")
+		return l.finish(ctx, cfg, tok.AuthorizationCode, tok.CodeVerifier)
 	}
 }
 
-// writePage answers the browser with a small HTML page.
 func writePage(w http.ResponseWriter, status int, title, message string) {
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.WriteHeader(status)
-	fmt.Fprintf(w, `<!doctype html>
-<html><head><meta charset="utf-8"><title>ccproxy: %[1]s</title></head>
-<body style="font-family:system-ui,sans-serif;max-width:36em;margin:4em auto"><h1>%[1]s</h1><p>%[2]s</p></body></html>
-`, html.EscapeString(title), html.EscapeString(message))
+	fmt.Fprintf(w, "<!doctype html>\n"+
+		`<html><head><meta charset="utf-8"><title>ccproxy: %[1]s</title></head>`+"\n"+
+		`<body style="font-family:system-ui,sans-serif;max-width:36em;margin:4em auto">`+
+		"<h1>%[1]s</h1><p>%[2]s</p></body></html>\n", html.EscapeString(title), html.EscapeString(message))
 }
 
 // openBrowser shows url in the desktop's browser without waiting for it.
@@ -818,7 +810,8 @@ func openBrowser(url string) error {
 }
 
 // runAuth runs `ccproxy auth SUBCOMMAND ...`; args are the words after "auth".
-func runAuth(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
+func runAuth(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader,
+	stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		return usagef("auth needs a command: login-openai, status, openai-info or logout")
 	}
@@ -856,7 +849,6 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 	case flags.NArg() > 0:
 		return usagef("%s takes no arguments, got %q", flags.Name(), flags.Arg(0))
 	}
-
 	switch args[0] {
 	case "status", "openai-info":
 		return printStatus(stdout, path, time.Now(), args[0] == "openai-info", asJSON)
@@ -864,11 +856,17 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 		return logout(ctx, stdin, stdout, stderr, path, yes)
 	}
 	// Only short token-endpoint calls: the timeout keeps a hung issuer from hanging us.
-	l := &login{issuer: strings.TrimRight(issuer, "/"), path: path, client: &http.Client{Timeout: time.Minute},
-		now: time.Now, stdin: stdin, stderr: stderr, wait: sleepCtx}
+	l := &login{issuer: strings.TrimRight(issuer, "/"), path: path, now: time.Now,
+		client: &http.Client{Timeout: time.Minute}, stdin: stdin, stderr: stderr, wait: sleepCtx}
 	if !noBrowser {
 		l.openBrowser = openBrowser
 	}
+	return l.run(ctx, stdout, port, device)
+}
+
+// run logs in and says who is logged in now.
+func (l *login) run(ctx context.Context, stdout io.Writer, port int, device bool) error {
+	var err error
 	if device {
 		err = l.device(ctx)
 	} else {
@@ -877,26 +875,27 @@ func runAuth(ctx context.Context, args []string, getenv func(string) string, std
 	if err != nil {
 		return err
 	}
-	f, err := readAuthFile(path) // what was saved
+	f, err := readAuthFile(l.path) // what was saved
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "logged in as %s (plan %s), credentials saved to %s\n",
-		cmp.Or(f.email, "unknown email"), strings.ToUpper(cmp.Or(f.plan, "unknown")), path)
+		cmp.Or(f.email, "unknown email"), strings.ToUpper(cmp.Or(f.plan, "unknown")), l.path)
 	return nil
 }
 
 // authSummary is what `auth status --json` and `auth openai-info --json` print.
 type authSummary struct {
-	LoggedIn          bool   `json:"logged_in"`
-	Email             string `json:"email,omitempty"`
-	Plan              string `json:"plan,omitempty"`
-	AccountID         string `json:"account_id,omitempty"`
-	ExpiresAt         string `json:"expires_at,omitempty"`
-	ExpiresInSeconds  int64  `json:"expires_in_seconds,omitempty"` // negative once expired
-	RefreshToken      bool   `json:"refresh_token_present"`
-	LastRefresh       string `json:"last_refresh,omitempty"`
-	AccessTokenPrefix string `json:"access_token_prefix,omitempty"` // enough to tell two tokens apart, useless to an attacker
+	LoggedIn         bool   `json:"logged_in"`
+	Email            string `json:"email,omitempty"`
+	Plan             string `json:"plan,omitempty"`
+	AccountID        string `json:"account_id,omitempty"`
+	ExpiresAt        string `json:"expires_at,omitempty"`
+	ExpiresInSeconds int64  `json:"expires_in_seconds,omitempty"` // negative once expired
+	RefreshToken     bool   `json:"refresh_token_present"`
+	LastRefresh      string `json:"last_refresh,omitempty"`
+	// Enough of the access token to tell two apart, useless to an attacker.
+	AccessTokenPrefix string `json:"access_token_prefix,omitempty"`
 	Path              string `json:"path"`
 }
 
@@ -934,12 +933,21 @@ func printStatus(w io.Writer, path string, now time.Time, detailed, asJSON bool)
 	case !s.LoggedIn:
 		fmt.Fprintf(w, "not logged in: %v (%s)\n", errLoginRequired, path)
 	case detailed:
-		fmt.Fprintf(w, "plan:           %s\naccount id:     %s\nemail:          %s\n"+
-			"token expires:  %s (%s)\nauth file:      %s\nrefresh token:  %s\nlast refresh:   %s\naccess token:   %s…\n",
-			strings.ToUpper(s.Plan), s.AccountID, s.Email, cmp.Or(s.ExpiresAt, "unknown"), valid, path,
-			map[bool]string{true: "yes", false: "no"}[s.RefreshToken], cmp.Or(s.LastRefresh, "unknown"), s.AccessTokenPrefix)
+		for _, row := range [][2]string{
+			{"plan", strings.ToUpper(s.Plan)},
+			{"account id", s.AccountID},
+			{"email", s.Email},
+			{"token expires", cmp.Or(s.ExpiresAt, "unknown") + " (" + valid + ")"},
+			{"auth file", path},
+			{"refresh token", map[bool]string{true: "yes", false: "no"}[s.RefreshToken]},
+			{"last refresh", cmp.Or(s.LastRefresh, "unknown")},
+			{"access token", s.AccessTokenPrefix + "…"},
+		} {
+			fmt.Fprintf(w, "%-15s %s\n", row[0]+":", row[1])
+		}
 	default:
-		fmt.Fprintf(w, "logged in as %s (%s), %s, %s\n", cmp.Or(s.Email, "unknown email"), cmp.Or(s.Plan, "unknown plan"), valid, path)
+		fmt.Fprintf(w, "logged in as %s (%s), %s, %s\n",
+			cmp.Or(s.Email, "unknown email"), cmp.Or(s.Plan, "unknown plan"), valid, path)
 	}
 	if !s.LoggedIn {
 		return exitStatus(1)
@@ -959,9 +967,9 @@ func formatDuration(d time.Duration) string {
 	return fmt.Sprintf("%dm", minutes)
 }
 
-// logout removes the login from the auth file, keeping other fields (or deleting
-// an empty file). It asks first unless yes, as the Codex CLI is logged out too,
-// before taking the lock, which would stall the Codex CLI while the user types.
+// logout removes the login from the auth file, keeping other fields (or deleting an empty file).
+// Unless yes, it asks first, as the Codex CLI is logged out too, and before taking the lock,
+// which would stall the Codex CLI while the user types.
 func logout(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, path string, yes bool) error {
 	doc, err := readDoc(path)
 	if err != nil {
@@ -992,11 +1000,11 @@ func logout(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, path
 	for _, k := range append([]string{"tokens", "last_refresh"}, flatTokenKeys...) {
 		delete(doc, k)
 	}
-	if string(doc["auth_mode"]) == `"chatgpt"` {
-		delete(doc, "auth_mode")
-	}
-	if string(doc["OPENAI_API_KEY"]) == "null" {
-		delete(doc, "OPENAI_API_KEY")
+	// What a login wrote goes too, unless it was changed since.
+	for k, v := range map[string]string{"auth_mode": `"chatgpt"`, "OPENAI_API_KEY": "null"} {
+		if string(doc[k]) == v {
+			delete(doc, k)
+		}
 	}
 	if len(doc) == 0 {
 		err = os.Remove(path)
