@@ -14,41 +14,29 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"time"
 )
 
-// loadedBudget is how many transcript bytes stay in memory. Beyond it the least
-// recently used idle transcripts are dropped and re-read on their next turn,
-// so 10,000 idle sessions cost only index entries.
-const loadedBudget = 64 << 20
-
-// sessionStore keeps conversation transcripts in memory and one JSON file per
-// session under dir.
-//
-// The backend runs with store=false (codex-backend §3.4), so the full history
-// has to be resent every turn; this store is where that history lives.
-// Response ids map to session ids through one tiny file per response under
-// dir/responses/, which survives restarts without reading session files and
-// costs no memory.
+// sessionStore keeps conversation transcripts in memory and in one JSON file per session
+// under dir: the backend runs with store=false, so each turn resends the whole history.
+// A small file under dir/responses/ names the session of each stored response and item.
 type sessionStore struct {
 	dir, respDir string
 	ttl          time.Duration
 	maxSessions  int
 	maxBytes     int64
 	now          func() time.Time
-	newID        func() string // names forked sessions
-	budget       int64         // see loadedBudget
+	budget       int64 // transcript bytes kept in memory; the least recently used idle go first
 
 	mu       sync.Mutex
 	index    map[string]*session // every live session, loaded or not
 	loadedSz int64               // bytes of the transcripts in memory
 }
 
-// session is one conversation. Its fields are guarded by st.mu; data is
-// replaced, never mutated.
+// session is one conversation. st.mu guards its fields. data is replaced, never mutated, and
+// only by the lock holder while the session has users, so the holder may read it unlocked.
 type session struct {
 	st       *sessionStore
 	sid      string
@@ -72,8 +60,7 @@ type sessionData struct {
 	resends   bool     // the client sends its whole history: a rewritten one replaces the transcript
 }
 
-// sessionFile is a session's file. Items come last so that encodeSession can
-// write them without json.Marshal.
+// sessionFile is a session's file. Items come last for encodeSession.
 type sessionFile struct {
 	ID        string            `json:"id"`
 	CreatedAt int64             `json:"created_at"`
@@ -96,127 +83,6 @@ type sessionInfo struct {
 	Responses  int    `json:"responses"`
 }
 
-// newSessionStore opens dir, listing only names and mtimes: session files are
-// read on first use, so start-up stays fast with many sessions on disk.
-func newSessionStore(dir string, ttl time.Duration, maxSessions int, maxBytes int64, now func() time.Time) (*sessionStore, error) {
-	s := &sessionStore{
-		dir: dir, respDir: filepath.Join(dir, "responses"), ttl: ttl, maxSessions: maxSessions, maxBytes: maxBytes,
-		now: now, newID: func() string { return autoPrefix + rand.Text() }, budget: loadedBudget, index: map[string]*session{},
-	}
-	if err := os.MkdirAll(s.respDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create session directory: %w", err)
-	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("list sessions: %w", err)
-	}
-	for _, e := range entries {
-		name := e.Name()
-		id, ok := strings.CutSuffix(name, ".json")
-		switch {
-		case ok && validSessionID(id) && e.Type().IsRegular():
-			if fi, err := e.Info(); err == nil { // else removed since ReadDir
-				s.index[id] = &session{st: s, sid: id, onDisk: true, lastUsed: fi.ModTime()}
-			}
-		case strings.Contains(name, ".json.tmp"):
-			// A crash inside writeFileAtomic; the real file is intact.
-			os.Remove(filepath.Join(dir, name))
-		}
-	}
-	return s, nil
-}
-
-// validSessionID: 1–128 chars of [A-Za-z0-9._:-], not "." or ".." (ids come
-// from URL paths and headers; they become file names).
-func validSessionID(id string) bool {
-	const chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-"
-	return id != "" && len(id) <= 128 && id != "." && id != ".." && strings.Trim(id, chars) == ""
-}
-
-// errSessionNotFound is the error of GET and DELETE /codex/sessions/{id} for an unknown id.
-func errSessionNotFound() error {
-	return &apiError{kind: errNotFound, code: "session_not_found", msg: "Session not found"}
-}
-
-// errResponseNotFound is OpenAI's wording for an unknown previous_response_id.
-func errResponseNotFound(id string) error {
-	return &apiError{kind: errNotFound, param: "previous_response_id", code: "previous_response_not_found",
-		msg: fmt.Sprintf("Previous response with id '%s' not found.", id)}
-}
-
-// unreadable is the error of a session file that exists but cannot be used. The file is left
-// in place: it may be the only copy of someone's work.
-func unreadable(path string, err error) error {
-	return &apiError{kind: errStorage, code: "session_unreadable", cause: err, msg: fmt.Sprintf(
-		"session file %s is unreadable (%v); move it away or repair it to use this session id", path, err)}
-}
-
-// acquire locks session id for one turn, creating it when new (evicting the
-// oldest idle session when maxSessions is reached, or a 429 when every session
-// is busy). It waits while another request holds the same session and gives
-// up with ctx.Err() when ctx ends.
-func (s *sessionStore) acquire(ctx context.Context, id string) (*session, error) {
-	if !validSessionID(id) {
-		return nil, invalid("session_id", "invalid session id %q: use 1-128 characters from A-Z a-z 0-9 . _ : -", id)
-	}
-	s.mu.Lock()
-	ss, err := s.enterLocked(id, true)
-	s.mu.Unlock()
-	if err == nil {
-		err = ss.lockAndLoad(ctx)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return ss, nil
-}
-
-// acquireResponse locks the session that produced response respID (for
-// previous_response_id), 404 apiError when unknown. If respID is the session's
-// latest response the session continues; otherwise (a branch) a new session is
-// forked whose transcript is the history up to and including that response.
-func (s *sessionStore) acquireResponse(ctx context.Context, respID string) (*session, error) {
-	e, err := s.entry(respID)
-	if errors.Is(err, fs.ErrNotExist) || err == nil && e.At != nil {
-		return nil, errResponseNotFound(respID)
-	} else if err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	ss, err := s.enterLocked(e.Session, false)
-	s.mu.Unlock()
-	if err != nil {
-		return nil, errResponseNotFound(respID)
-	}
-	if err := ss.lockAndLoad(ctx); err != nil {
-		return nil, err
-	}
-	d := ss.data
-	n, ok := d.responses[respID]
-	if !ok {
-		// The index file outlived its session (deleted and recreated).
-		ss.release()
-		return nil, errResponseNotFound(respID)
-	}
-	if respID == d.latest {
-		return ss, nil
-	}
-	defer ss.release()
-	fork, err := s.acquire(ctx, s.newID())
-	if err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	// Snapshots are immutable, so the fork can share the items.
-	s.setDataLocked(fork, &sessionData{created: fork.data.created, items: d.items[:n:n], responses: map[string]int{}})
-	return fork, nil
-}
-
-// autoPrefix names the sessions ccproxy makes by itself: for a Responses request that named
-// none, and for the branches of previous_response_id. They are evicted before named ones.
-const autoPrefix = "auto-"
-
 // indexEntry is a file under responses/: the session of a stored response or output item,
 // and where it is. Files from before 2026-12 hold only the session id.
 type indexEntry struct {
@@ -226,7 +92,107 @@ type indexEntry struct {
 	Response json.RawMessage `json:"response,omitempty"` // a response: the object the client got
 }
 
-// entry reads the index file of a response or item id: fs.ErrNotExist when there is none.
+// autoPrefix names the sessions ccproxy makes by itself: for a Responses request that named
+// none, and for the branches of previous_response_id. They are evicted before named ones.
+const autoPrefix = "auto-"
+
+// newSessionStore lists only names and mtimes: files are read on first use, so start-up
+// stays fast with many sessions on disk.
+func newSessionStore(dir string, ttl time.Duration, maxSessions int, maxBytes int64,
+	now func() time.Time) (*sessionStore, error) {
+	s := &sessionStore{dir: dir, respDir: filepath.Join(dir, "responses"), ttl: ttl, maxSessions: maxSessions,
+		maxBytes: maxBytes, now: now, budget: 64 << 20, index: map[string]*session{}}
+	if err := os.MkdirAll(s.respDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create session directory: %w", err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("list sessions: %w", err)
+	}
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		switch {
+		case ok && validSessionID(id) && e.Type().IsRegular():
+			if fi, err := e.Info(); err == nil { // else removed since ReadDir
+				s.index[id] = &session{st: s, sid: id, onDisk: true, lastUsed: fi.ModTime()}
+			}
+		case strings.Contains(e.Name(), ".json.tmp"): // a crash inside writeFileAtomic
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
+	return s, nil
+}
+
+// validSessionID: 1–128 of [A-Za-z0-9._:-], not "." or "..": ids become file names.
+func validSessionID(id string) bool {
+	const chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-"
+	return id != "" && len(id) <= 128 && id != "." && id != ".." && strings.Trim(id, chars) == ""
+}
+
+var errSessionNotFound = &apiError{kind: errNotFound, code: "session_not_found", msg: "Session not found"}
+
+// errResponseNotFound is OpenAI's wording for an unknown previous_response_id.
+func errResponseNotFound(id string) error {
+	return &apiError{kind: errNotFound, param: "previous_response_id", code: "previous_response_not_found",
+		msg: fmt.Sprintf("Previous response with id '%s' not found.", id)}
+}
+
+// acquire locks session id for one turn, creating it when new. It waits while another
+// request holds the session and gives up with ctx.Err() when ctx ends.
+func (s *sessionStore) acquire(ctx context.Context, id string) (*session, error) {
+	if !validSessionID(id) {
+		return nil, invalid("session_id",
+			"invalid session id %q: use 1-128 characters from A-Z a-z 0-9 . _ : -", id)
+	}
+	ss, err := s.enter(id, true)
+	if err == nil {
+		err = ss.lockAndLoad(ctx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ss, nil
+}
+
+// acquireResponse locks the session of previous_response_id respID. If respID is its latest
+// response the session continues; otherwise (a branch) a new session is forked whose
+// transcript is the history up to and including that response.
+func (s *sessionStore) acquireResponse(ctx context.Context, respID string) (*session, error) {
+	e, err := s.entry(respID)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && e.At != nil {
+		return nil, errResponseNotFound(respID)
+	} else if err != nil {
+		return nil, err
+	}
+	ss, err := s.enter(e.Session, false)
+	if err != nil {
+		return nil, errResponseNotFound(respID)
+	}
+	if err := ss.lockAndLoad(ctx); err != nil {
+		return nil, err
+	}
+	n, ok := ss.data.responses[respID]
+	if ok && respID == ss.data.latest {
+		return ss, nil
+	}
+	defer ss.release()
+	if !ok { // the index file outlived its session (deleted and recreated)
+		return nil, errResponseNotFound(respID)
+	}
+	fork, err := s.acquire(ctx, autoPrefix+rand.Text())
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// Snapshots are immutable, so the fork can share the items.
+	s.setDataLocked(fork, &sessionData{created: fork.data.created, items: ss.data.items[:n:n],
+		responses: map[string]int{}})
+	return fork, nil
+}
+
+// entry reads the index file of a response or item id; the error wraps fs.ErrNotExist when
+// there is none.
 func (s *sessionStore) entry(id string) (indexEntry, error) {
 	var e indexEntry
 	if !validSessionID(id) {
@@ -234,8 +200,6 @@ func (s *sessionStore) entry(id string) (indexEntry, error) {
 	}
 	b, err := os.ReadFile(filepath.Join(s.respDir, id))
 	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return e, err
 	case err != nil:
 		return e, fmt.Errorf("read response index: %w", err)
 	case len(b) > 0 && b[0] == '{':
@@ -246,12 +210,12 @@ func (s *sessionStore) entry(id string) (indexEntry, error) {
 	return e, err
 }
 
-// stored returns a stored response's entry and its session's transcript, for GET
-// /codex/v1/responses/{id} and its input_items.
+// stored returns a stored response's entry and its session's transcript.
 func (s *sessionStore) stored(id string) (indexEntry, []json.RawMessage, error) {
 	e, err := s.entry(id)
 	if errors.Is(err, fs.ErrNotExist) || err == nil && e.Response == nil {
-		err = &apiError{kind: errNotFound, code: "not_found", msg: fmt.Sprintf("Response with id '%s' not found.", id)}
+		err = &apiError{kind: errNotFound, code: "not_found",
+			msg: fmt.Sprintf("Response with id '%s' not found.", id)}
 	}
 	var items []json.RawMessage
 	if err == nil {
@@ -263,7 +227,6 @@ func (s *sessionStore) stored(id string) (indexEntry, []json.RawMessage, error) 
 	return e, items, err
 }
 
-// deleteResponse forgets a stored response: it can no longer be fetched or continued.
 func (s *sessionStore) deleteResponse(id string) error {
 	if _, _, err := s.stored(id); err != nil {
 		return err
@@ -271,13 +234,14 @@ func (s *sessionStore) deleteResponse(id string) error {
 	return os.Remove(filepath.Join(s.respDir, id))
 }
 
-// expand replaces the item_reference items of a turn's input with the stored items they name,
-// encrypted reasoning included; an unknown id is OpenAI's 404.
+// expand replaces the item_reference items of a turn's input with the stored items they
+// name, encrypted reasoning included; an unknown id is OpenAI's 404.
 func (s *sessionStore) expand(items []json.RawMessage) ([]json.RawMessage, error) {
 	var out []json.RawMessage
 	for i, it := range items {
 		var ref struct{ Type, ID string }
-		if !bytes.Contains(it, []byte(`"item_reference"`)) || json.Unmarshal(it, &ref) != nil || ref.Type != "item_reference" {
+		if !bytes.Contains(it, []byte(`"item_reference"`)) || json.Unmarshal(it, &ref) != nil ||
+			ref.Type != "item_reference" {
 			out = append(out, it)
 			continue
 		}
@@ -287,17 +251,16 @@ func (s *sessionStore) expand(items []json.RawMessage) ([]json.RawMessage, error
 			_, stored, err = s.get(e.Session)
 		}
 		if err != nil || e.At == nil || *e.At >= len(stored) {
-			return nil, &apiError{kind: errNotFound, code: "item_not_found", param: fmt.Sprintf("input[%d]", i),
-				msg: fmt.Sprintf("Item with id '%s' not found.", ref.ID)}
+			return nil, &apiError{kind: errNotFound, code: "item_not_found",
+				param: fmt.Sprintf("input[%d]", i), msg: fmt.Sprintf("Item with id '%s' not found.", ref.ID)}
 		}
 		out = append(out, stored[*e.At])
 	}
 	return out, nil
 }
 
-// liveLocked returns session id, or nil when there is none; an idle session
-// past its ttl is removed first. With committed, a missing or never committed
-// session is the 404.
+// liveLocked returns session id, or nil when there is none; an idle session past its
+// ttl is removed first. With committed, a missing or never committed session is the 404.
 func (s *sessionStore) liveLocked(id string, committed bool) (*session, error) {
 	ss := s.index[id]
 	if ss != nil && ss.users == 0 && s.ttl > 0 && s.now().Sub(ss.lastUsed) > s.ttl {
@@ -307,21 +270,24 @@ func (s *sessionStore) liveLocked(id string, committed bool) (*session, error) {
 		ss = nil
 	}
 	if committed && (ss == nil || !ss.onDisk) {
-		return nil, errSessionNotFound()
+		return nil, errSessionNotFound
 	}
 	return ss, nil
 }
 
-// enterLocked finds (or, with create, makes) session id and counts the caller
-// as a user so it is neither evicted nor expired while waiting for the lock.
-func (s *sessionStore) enterLocked(id string, create bool) (*session, error) {
+// enter finds (or, with create, makes) session id and counts the caller as a user, so
+// that it is neither evicted nor expired while waiting for the lock. Making one beyond
+// maxSessions evicts the oldest idle session; when every session is busy it is a 429.
+func (s *sessionStore) enter(id string, create bool) (*session, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	ss, err := s.liveLocked(id, false)
 	if err != nil {
 		return nil, err
 	}
 	if ss == nil {
 		if !create {
-			return nil, errSessionNotFound()
+			return nil, errSessionNotFound
 		}
 		for s.maxSessions > 0 && len(s.index) >= s.maxSessions {
 			// Automatic sessions go first; a named one only ever makes room for another named one.
@@ -330,8 +296,9 @@ func (s *sessionStore) enterLocked(id string, create bool) (*session, error) {
 				oldest = s.oldestIdleLocked(false, false)
 			}
 			if oldest == nil {
-				return nil, &apiError{kind: errLimited, code: "too_many_sessions", msg: fmt.Sprintf("All %d sessions "+
-					"are busy; delete sessions with DELETE /codex/sessions/{id} or raise --max-sessions", s.maxSessions)}
+				return nil, &apiError{kind: errLimited, code: "too_many_sessions", msg: fmt.Sprintf(
+					"All %d sessions are busy; delete sessions with DELETE /codex/sessions/{id} "+
+						"or raise --max-sessions", s.maxSessions)}
 			}
 			if err := s.removeLocked(oldest); err != nil {
 				return nil, err
@@ -339,6 +306,7 @@ func (s *sessionStore) enterLocked(id string, create bool) (*session, error) {
 		}
 		ss = &session{st: s, sid: id}
 		s.index[id] = ss
+		s.setDataLocked(ss, &sessionData{created: s.now(), responses: map[string]int{}})
 	}
 	if ss.lock == nil {
 		ss.lock = make(chan struct{}, 1)
@@ -361,25 +329,22 @@ func (s *sessionStore) oldestIdleLocked(loaded, auto bool) *session {
 	return oldest
 }
 
-// removeLocked deletes an idle session's file and its response index files.
-// Cleaning the index is best effort: a leftover entry points to a session that
-// no longer lists the response, which acquireResponse treats as unknown.
+// removeLocked deletes an idle session's file and its index files. Cleaning the index is
+// best effort: a leftover entry names a session that no longer lists it, hence unknown.
 func (s *sessionStore) removeLocked(ss *session) error {
-	path := s.path(ss.sid)
 	d := ss.data
 	if d == nil && ss.onDisk {
-		d, _ = readSession(path, ss.sid)
+		d, _ = s.read(ss.sid)
 	}
 	if d != nil {
 		for _, r := range slices.Concat(slices.Collect(maps.Keys(d.responses)), d.itemIDs) {
-			// A fork shares no index files, but a recreated session might;
-			// only drop entries that still point here.
+			// A recreated session may share ids: only drop entries that still point here.
 			if e, err := s.entry(r); err == nil && e.Session == ss.sid {
 				os.Remove(filepath.Join(s.respDir, r))
 			}
 		}
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := os.Remove(s.path(ss.sid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove session: %w", err)
 	}
 	delete(s.index, ss.sid)
@@ -387,8 +352,7 @@ func (s *sessionStore) removeLocked(ss *session) error {
 	return nil
 }
 
-// setDataLocked installs transcript d, or unloads it with nil (the file
-// still has it), and keeps the budget's books.
+// setDataLocked installs transcript d, or unloads it with nil, and keeps the budget's books.
 func (s *sessionStore) setDataLocked(ss *session, d *sessionData) {
 	if ss.data != nil {
 		s.loadedSz -= sizeOf(ss.data.items)
@@ -399,10 +363,9 @@ func (s *sessionStore) setDataLocked(ss *session, d *sessionData) {
 	}
 }
 
-// path is the session's file.
 func (s *sessionStore) path(id string) string { return filepath.Join(s.dir, id+".json") }
 
-// lockAndLoad waits for the session's lock and reads its file if needed; on
+// lockAndLoad waits for the session's lock and reads its file if it is not in memory; on
 // failure the caller's claim is given back.
 func (ss *session) lockAndLoad(ctx context.Context) error {
 	select {
@@ -411,20 +374,11 @@ func (ss *session) lockAndLoad(ctx context.Context) error {
 		ss.leave()
 		return ctx.Err()
 	}
-	s := ss.st
-	s.mu.Lock()
-	loaded, onDisk := ss.data != nil, ss.onDisk
-	s.mu.Unlock()
-	if loaded {
+	if ss.data != nil {
 		return nil
 	}
-	d, err := &sessionData{created: s.now(), responses: map[string]int{}}, error(nil)
-	if onDisk {
-		d, err = readSession(s.path(ss.sid), ss.sid)
-	}
-	if errors.Is(err, fs.ErrNotExist) {
-		err = unreadable(s.path(ss.sid), err) // removed behind our back
-	}
+	s := ss.st
+	d, err := s.read(ss.sid)
 	if err != nil {
 		ss.release()
 		return err
@@ -435,95 +389,81 @@ func (ss *session) lockAndLoad(ctx context.Context) error {
 	return nil
 }
 
-// id is the session id.
 func (ss *session) id() string { return ss.sid }
 
-// input returns the upstream input for a turn: the stored transcript followed
-// by incoming, unless incoming already starts with the stored transcript (a
-// client resending the whole history), then incoming as is. It returns a 413
-// apiError when the result would exceed maxBytes.
+// input returns the upstream input for a turn: the transcript followed by incoming, or
+// incoming alone when it starts with the transcript (a client resending its history).
 func (ss *session) input(incoming []json.RawMessage) ([]json.RawMessage, error) {
 	if ss == nil { // a request without a session
 		return incoming, nil
 	}
 	stored := ss.data.items
 	out := incoming
-	// A client that resent its history before and now sends one that diverges has rewritten
-	// it (the Codex CLI after compacting, codex-rs/core/src/compact.rs): it replaces the transcript.
+	// A client that resent its history and now sends one that diverges has rewritten it (the
+	// Codex CLI after compacting, codex-rs/core/src/compact.rs): it replaces the transcript.
 	ss.resent = len(stored) > 0 && hasPrefix(incoming, stored)
 	if !ss.resent && !ss.data.resends {
 		out = slices.Concat(stored, incoming)
 	}
 	out = closeCalls(out, min(ss.data.outputAt, len(stored)))
 	if n := sizeOf(out); ss.st.maxBytes > 0 && n > ss.st.maxBytes {
-		return nil, &apiError{kind: errTooLarge, code: "session_too_large", msg: fmt.Sprintf("Session '%s' would "+
-			"grow to %d bytes, over the limit of %d; delete it with DELETE /codex/sessions/%s or start a new session",
-			ss.sid, n, ss.st.maxBytes, ss.sid)}
+		return nil, &apiError{kind: errTooLarge, code: "session_too_large", msg: fmt.Sprintf(
+			"Session '%s' would grow to %d bytes, over the limit of %d; delete it with "+
+				"DELETE /codex/sessions/%s or start a new session", ss.sid, n, ss.st.maxBytes, ss.sid)}
 	}
 	return out, nil
 }
 
-// commit records a finished turn: the transcript becomes sent (what input
-// returned) + output, responseID maps to it; it is written to disk atomically
-// before commit returns. On error the previous transcript stays intact in
-// memory and on disk.
-func (ss *session) commit(sent, output []json.RawMessage, responseID string, object []byte, inputLen int) error {
+// commit makes the transcript sent (what input returned) + output, and maps responseID to
+// it. The index files go first, unsynced: if one is lost or torn, a lookup finds a session
+// that does not list it, a 404. The transcript is written atomically. On error the index
+// files are removed again, and the previous transcript stays intact in memory and on disk.
+func (ss *session) commit(sent, output []json.RawMessage, responseID string, object []byte,
+	inputLen int) error {
 	if ss == nil {
 		return nil
 	}
-	if err := ss.save(sent, output, responseID, object, inputLen); err != nil {
-		return &apiError{kind: errStorage, code: "session_not_saved", cause: err, msg: fmt.Sprintf("the answer "+
-			"could not be saved to session %q, which still holds the previous turns (%v); check the disk "+
-			"space and permissions of the sessions directory", ss.sid, err)}
-	}
-	return nil
-}
-
-// save writes the transcript of commit, and the index files of the response (with the object
-// the client got, and where its input is) and of its output items. The index files go first,
-// unsynced: if one is lost or torn, a lookup only finds a session that does not list it, a
-// 404. If anything fails they are removed again, so a full disk leaves no debris.
-func (ss *session) save(sent, output []json.RawMessage, responseID string, object []byte, inputLen int) error {
 	s := ss.st
-	items := append(make([]json.RawMessage, 0, len(sent)+len(output)), sent...)
 	d := &sessionData{created: ss.data.created, responses: maps.Clone(ss.data.responses),
-		itemIDs: ss.data.itemIDs, outputAt: len(sent), resends: ss.data.resends || ss.resent}
-	var written []string
-	index := func(name string, e indexEntry) error {
-		written = append(written, filepath.Join(s.respDir, name))
-		return os.WriteFile(written[len(written)-1], marshal(e), 0o600)
-	}
+		itemIDs: ss.data.itemIDs, outputAt: len(sent), resends: ss.data.resends || ss.resent,
+		items: append(make([]json.RawMessage, 0, len(sent)+len(output)), sent...)}
 	var err error
-	for _, it := range output {
-		it, id := stripID(it)
-		at := len(items)
-		if items = append(items, it); err == nil && validSessionID(id) && id != responseID {
-			d.itemIDs = append(slices.Clip(d.itemIDs), id)
-			err = index(id, indexEntry{Session: ss.sid, At: &at})
+	var written []string
+	index := func(name string, e indexEntry) {
+		if err == nil {
+			written = append(written, filepath.Join(s.respDir, name))
+			err = os.WriteFile(written[len(written)-1], marshal(e), 0o600)
 		}
 	}
-	// A reply without a usable id (a sparse response.completed) is still saved; only
-	// previous_response_id cannot name it.
-	if err == nil && validSessionID(responseID) {
-		d.responses[responseID], d.latest = len(items), responseID
-		err = index(responseID, indexEntry{Session: ss.sid, Input: []int{len(sent) - inputLen, len(sent)}, Response: object})
+	for _, it := range output {
+		it, id := stripID(it)
+		if validSessionID(id) && id != responseID {
+			d.itemIDs = append(slices.Clip(d.itemIDs), id)
+			index(id, indexEntry{Session: ss.sid, At: new(len(d.items))})
+		}
+		d.items = append(d.items, it)
 	}
-	d.items = items
-	path := s.path(ss.sid)
+	// A reply without a usable id (a sparse response.completed) is still saved.
+	if validSessionID(responseID) {
+		d.responses[responseID], d.latest = len(d.items), responseID
+		index(responseID, indexEntry{Session: ss.sid, Input: []int{len(sent) - inputLen, len(sent)},
+			Response: object})
+	}
 	if err == nil {
-		err = writeFileAtomic(path, encodeSession(ss.sid, d))
+		err = writeFileAtomic(s.path(ss.sid), encodeSession(ss.sid, d))
 	}
 	if err != nil {
 		for _, p := range written {
 			os.Remove(p)
 		}
-		return fmt.Errorf("save session %s: %w", ss.sid, err)
+		err = fmt.Errorf("save session %s: %w", ss.sid, err)
+		return &apiError{kind: errStorage, code: "session_not_saved", cause: err, msg: fmt.Sprintf(
+			"the answer could not be saved to session %q, which still holds the previous turns (%v); "+
+				"check the disk space and permissions of the sessions directory", ss.sid, err)}
 	}
-	// The mtime carries last use across restarts, on the injected clock. The
-	// error is ignored: the turn is on disk, and a failure only dates it to
-	// the wall clock.
+	// The mtime carries last use across restarts, on the injected clock.
 	now := s.now()
-	os.Chtimes(path, now, now)
+	os.Chtimes(s.path(ss.sid), now, now)
 	s.mu.Lock()
 	s.setDataLocked(ss, d)
 	ss.onDisk = true
@@ -531,18 +471,16 @@ func (ss *session) save(sent, output []json.RawMessage, responseID string, objec
 	return nil
 }
 
-// release unlocks the session; a turn that never committed (failed,
-// cancelled) leaves the transcript unchanged.
+// release unlocks the session; a turn that never committed leaves the transcript unchanged.
 func (ss *session) release() {
-	if ss == nil {
-		return
+	if ss != nil {
+		ss.leave()
+		<-ss.lock
 	}
-	ss.leave()
-	<-ss.lock
 }
 
-// leave gives back a caller's claim; a session that never reached disk
-// vanishes with its last user, and idle transcripts beyond the budget go.
+// leave gives back a caller's claim; a session that never reached disk vanishes with its
+// last user, and idle transcripts beyond the budget go.
 func (ss *session) leave() {
 	s := ss.st
 	s.mu.Lock()
@@ -567,90 +505,74 @@ func (ss *session) leave() {
 	}
 }
 
-// list returns all live sessions, most recently used first, including
-// sessions on disk from before a restart that nobody has used since.
+// list returns all live sessions, most recently used first.
 func (s *sessionStore) list() ([]sessionInfo, error) {
 	s.mu.Lock()
-	var unknown []*session
-	for id := range s.index {
-		ss, err := s.liveLocked(id, false)
-		if err != nil {
-			s.mu.Unlock()
-			return nil, err
-		}
-		if ss != nil && ss.counts == nil && ss.onDisk {
-			unknown = append(unknown, ss)
-		}
-	}
+	ids := slices.Collect(maps.Keys(s.index))
 	s.mu.Unlock()
-	// Files are read outside the lock; a concurrent commit sets counts and wins.
-	counts := make([]*sessionInfo, len(unknown))
-	for i, ss := range unknown {
-		d, err := readSession(s.path(ss.sid), ss.sid)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
+	var infos []sessionInfo
+	for _, id := range ids {
+		info, _, err := s.describe(id, false)
+		if errors.Is(err, errSessionNotFound) {
+			continue // gone since, or never committed
 		} else if err != nil {
 			return nil, err
 		}
-		counts[i] = d.counts()
+		infos = append(infos, info)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for i, ss := range unknown {
-		if ss.counts == nil {
-			ss.counts = counts[i]
-		}
-	}
-	infos := make([]sessionInfo, 0, len(s.index))
-	for _, ss := range s.index {
-		if ss.counts != nil && ss.onDisk {
-			infos = append(infos, s.infoLocked(ss, *ss.counts))
-		}
-	}
-	sort.Slice(infos, func(i, j int) bool { return infos[i].LastUsedAt > infos[j].LastUsedAt })
+	slices.SortFunc(infos, func(a, b sessionInfo) int { return cmp.Compare(b.LastUsedAt, a.LastUsedAt) })
 	return infos, nil
 }
 
-// infoLocked describes ss with the counts of one of its transcripts.
-func (s *sessionStore) infoLocked(ss *session, counts sessionInfo) sessionInfo {
-	counts.ID, counts.Object = ss.sid, "session"
-	counts.LastUsedAt, counts.ExpiresAt = ss.lastUsed.Unix(), ss.lastUsed.Add(s.ttl).Unix()
-	return counts
-}
-
-// counts is the part of a sessionInfo that the transcript determines.
-func (d *sessionData) counts() *sessionInfo {
-	return &sessionInfo{CreatedAt: d.created.Unix(), Items: len(d.items), Bytes: sizeOf(d.items), Responses: len(d.responses)}
-}
-
-// get returns a session's description and transcript, 404 apiError "Session
-// not found" when unknown or expired.
+// get returns a session's description and transcript, 404 when unknown or expired.
 func (s *sessionStore) get(id string) (sessionInfo, []json.RawMessage, error) {
+	return s.describe(id, true)
+}
+
+// describe returns a committed session's description and, when loaded or with items, its
+// transcript. A file is read outside the lock and only its counts are kept, since
+// inspecting a session should not evict live ones.
+func (s *sessionStore) describe(id string, items bool) (sessionInfo, []json.RawMessage, error) {
 	s.mu.Lock()
 	ss, err := s.liveLocked(id, true)
 	var d *sessionData
 	if err == nil {
 		d = ss.data
 	}
+	read := err == nil && d == nil && (items || ss.counts == nil)
 	s.mu.Unlock()
+	if read {
+		if d, err = s.read(id); errors.Is(err, fs.ErrNotExist) {
+			err = errSessionNotFound
+		}
+	}
 	if err != nil {
 		return sessionInfo{}, nil, err
 	}
-	if d == nil {
-		// Read without caching: inspecting a session should not evict live ones.
-		if d, err = readSession(s.path(id), id); errors.Is(err, fs.ErrNotExist) {
-			return sessionInfo{}, nil, errSessionNotFound()
-		} else if err != nil {
-			return sessionInfo{}, nil, err
-		}
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.infoLocked(ss, *d.counts()), d.items, nil
+	counts := ss.counts
+	var transcript []json.RawMessage
+	if d != nil {
+		counts, transcript = d.counts(), d.items
+	}
+	if read && ss.counts == nil { // else a concurrent commit's counts win
+		ss.counts = counts
+	}
+	info := *counts
+	info.ID, info.Object = id, "session"
+	info.LastUsedAt, info.ExpiresAt = ss.lastUsed.Unix(), ss.lastUsed.Add(s.ttl).Unix()
+	return info, transcript, nil
 }
 
-// delete removes a session, 404 when unknown or expired. A session with a
-// request in flight is refused, since its commit would write the file again.
+// counts is the part of a sessionInfo that the transcript determines.
+func (d *sessionData) counts() *sessionInfo {
+	return &sessionInfo{CreatedAt: d.created.Unix(), Items: len(d.items), Bytes: sizeOf(d.items),
+		Responses: len(d.responses)}
+}
+
+// delete removes a session, 404 when unknown or expired. A session with a request in
+// flight is refused, since its commit would write the file again.
 func (s *sessionStore) delete(id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -665,12 +587,11 @@ func (s *sessionStore) delete(id string) error {
 	return s.removeLocked(ss)
 }
 
-// encodeSession writes the items by hand: they are valid JSON already
-// (decoded from a request, the upstream or a session file), and json.Marshal
+// encodeSession writes the items by hand: they are valid JSON already, and json.Marshal
 // would re-validate and compact every byte of a long transcript on every turn.
 func encodeSession(id string, d *sessionData) []byte {
-	h, _ := json.Marshal(sessionFile{ID: id, CreatedAt: d.created.Unix(), Latest: d.latest, Responses: d.responses,
-		ItemIDs: d.itemIDs, Resends: d.resends})
+	h, _ := json.Marshal(sessionFile{ID: id, CreatedAt: d.created.Unix(), Latest: d.latest,
+		Responses: d.responses, ItemIDs: d.itemIDs, Resends: d.resends})
 	b := append(bytes.TrimSuffix(h, []byte("null}")), '[') // Items is last and nil
 	b = slices.Grow(b, int(sizeOf(d.items))+2*len(d.items)+4)
 	for i, it := range d.items {
@@ -682,26 +603,25 @@ func encodeSession(id string, d *sessionData) []byte {
 	return append(b, "\n]}\n"...)
 }
 
-// readSession loads a session file: fs.ErrNotExist when there is none, else
-// an unreadable apiError for a file that cannot be used.
-func readSession(path, id string) (*sessionData, error) {
+// read loads session id's file; the error wraps fs.ErrNotExist when there is none. A file
+// that cannot be used is left in place: it may be the only copy of someone's work.
+func (s *sessionStore) read(id string) (*sessionData, error) {
+	path := s.path(id)
 	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, err
-	}
 	var d *sessionData
 	if err == nil {
 		d, err = parseSession(b, id)
 	}
 	if err != nil {
-		return nil, unreadable(path, err)
+		return nil, &apiError{kind: errStorage, code: "session_unreadable", cause: err, msg: fmt.Sprintf(
+			"session file %s is unreadable (%v); move it away or repair it to use this session id",
+			path, err)}
 	}
 	return d, nil
 }
 
-// parseSession decodes session id's file. Files may be edited by hand, so it
-// checks what the store relies on: response ids are file names and their
-// counts slice the items.
+// parseSession decodes session id's file. Files may be edited by hand, so it checks what
+// the store relies on: response ids are file names and their counts slice the items.
 func parseSession(b []byte, id string) (*sessionData, error) {
 	var f sessionFile
 	if err := json.Unmarshal(b, &f); err != nil {
@@ -718,11 +638,10 @@ func parseSession(b []byte, id string) (*sessionData, error) {
 	if i := slices.IndexFunc(f.ItemIDs, func(id string) bool { return !validSessionID(id) }); i >= 0 {
 		return nil, fmt.Errorf("bad item id %q", f.ItemIDs[i])
 	}
-	return &sessionData{created: time.Unix(f.CreatedAt, 0), items: f.Items, responses: f.Responses, latest: f.Latest,
-		itemIDs: f.ItemIDs, resends: f.Resends}, nil
+	return &sessionData{created: time.Unix(f.CreatedAt, 0), items: f.Items, responses: f.Responses,
+		latest: f.Latest, itemIDs: f.ItemIDs, resends: f.Resends}, nil
 }
 
-// sizeOf is a transcript's size as counted against maxBytes.
 func sizeOf(items []json.RawMessage) int64 {
 	var n int64
 	for _, it := range items {
@@ -732,7 +651,7 @@ func sizeOf(items []json.RawMessage) int64 {
 }
 
 // stripID drops an output item's "id" and returns it: with store=false the backend rejects
-// references to items it issued. Everything else stays, encrypted_content and call_id included.
+// references to items it issued.
 func stripID(item json.RawMessage) (json.RawMessage, string) {
 	var m map[string]json.RawMessage
 	var id string
@@ -743,9 +662,8 @@ func stripID(item json.RawMessage) (json.RawMessage, string) {
 	return marshal(m), id
 }
 
-// hasPrefix reports whether incoming starts with stored, compared by
-// canonical keys. Both are walked lazily and the walk stops at the first
-// difference, so the common append turn costs a couple of item decodes.
+// hasPrefix reports whether incoming starts with stored, compared by canonical keys. The
+// walk is lazy and stops at the first difference, so an append turn decodes a few items.
 func hasPrefix(incoming, stored []json.RawMessage) bool {
 	next, stop := iter.Pull(canonKeys(incoming))
 	defer stop()
@@ -757,11 +675,10 @@ func hasPrefix(incoming, stored []json.RawMessage) bool {
 	return true
 }
 
-// canonKeys yields a transcript's items as keys that ignore what clients
-// change when they resend history: ids and status, the content part type
-// (string, input_text, output_text), reasoning items (chat clients drop them)
-// and the split of a reply into consecutive assistant messages (a chat reply
-// folds them into one).
+// canonKeys yields a transcript's items as keys that ignore what clients change when
+// they resend history: ids and status, the content part type (string, input_text,
+// output_text), reasoning items (chat clients drop them) and the split of a reply into
+// consecutive assistant messages (a chat reply folds them into one).
 func canonKeys(items []json.RawMessage) iter.Seq[string] {
 	return func(yield func(string) bool) {
 		reply := "" // consecutive assistant messages so far
@@ -777,20 +694,15 @@ func canonKeys(items []json.RawMessage) iter.Seq[string] {
 			if it.Type == "" && it.Role != "" {
 				it.Type = "message" // EasyInputMessage may omit type
 			}
-			if it.Type == "reasoning" {
-				continue
-			}
-			if it.Type == "message" && it.Role == "assistant" {
-				reply = cmp.Or(reply, "message\x00assistant\x00") + contentText(it.Content)
-				continue
-			}
-			if reply != "" && !yield(reply) {
-				return
-			}
-			reply = ""
 			var key string
 			switch it.Type {
+			case "reasoning":
+				continue
 			case "message":
+				if it.Role == "assistant" {
+					reply = cmp.Or(reply, "message\x00assistant\x00") + contentText(it.Content)
+					continue
+				}
 				key = "message\x00" + it.Role + "\x00" + contentText(it.Content)
 			case "function_call":
 				key = "function_call\x00" + it.CallID + "\x00" + it.Name + "\x00" + it.Arguments
@@ -799,6 +711,10 @@ func canonKeys(items []json.RawMessage) iter.Seq[string] {
 			default:
 				key = otherKey(raw)
 			}
+			if reply != "" && !yield(reply) {
+				return
+			}
+			reply = ""
 			if !yield(key) {
 				return
 			}
@@ -809,9 +725,8 @@ func canonKeys(items []json.RawMessage) iter.Seq[string] {
 	}
 }
 
-// contentText joins a message's text parts so that a string content, an
-// input_text, an output_text and a text part with the same text compare equal.
-// Non-text parts (images) keep their JSON minus id/status.
+// contentText joins a message's text parts, so that string content and input_text,
+// output_text and text parts compare equal. Other parts (images) keep their otherKey.
 func contentText(content json.RawMessage) string {
 	var s string
 	if json.Unmarshal(content, &s) == nil {
@@ -833,8 +748,7 @@ func contentText(content json.RawMessage) string {
 	return b.String()
 }
 
-// otherKey is an item's JSON without id and status; Marshal sorts map keys,
-// so field order does not matter.
+// otherKey is an item's JSON without id and status, with its keys sorted by Marshal.
 func otherKey(raw json.RawMessage) string {
 	var m map[string]any
 	if json.Unmarshal(raw, &m) != nil {
