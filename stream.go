@@ -23,18 +23,13 @@ import (
 	"time"
 )
 
-// maxEventBytes bounds one upstream SSE event. Output items can carry whole
-// images as base64, so it is far above bufio.MaxScanTokenSize (64 KiB), but
-// still a bound: one reply cannot make the proxy allocate without limit.
+// maxEventBytes bounds one upstream SSE event; output items can carry whole images as base64.
 const maxEventBytes = 32 << 20
 
-// errEventTooLarge reports an upstream event over maxEventBytes.
 var errEventTooLarge = errors.New("upstream event exceeds 32 MiB")
 
-// sseReader parses a text/event-stream body (WHATWG HTML §9.2.6): "event:"
-// and "data:" fields, multi-line data joined with "\n", ":" comments, and a
-// blank line ending each event. Lines have no length limit below
-// maxEventBytes.
+// sseReader parses a text/event-stream body as the WHATWG HTML standard defines it: "event:" and
+// "data:" fields, multi-line data joined with "\n", ":" comments, a blank line ending each event.
 type sseReader struct {
 	r       *bufio.Reader
 	name    []byte
@@ -43,16 +38,13 @@ type sseReader struct {
 	pending []byte // rest of the current physical line after a lone CR
 }
 
-// newSSEReader reads events from r. The buffer is bufio's default 4 KiB:
-// deltas are a few hundred bytes, longer lines are reassembled in s.long,
-// and a thousand open streams should not pin 64 MiB of buffers.
+// newSSEReader keeps bufio's 4 KiB default: a thousand open streams should not pin 64 MiB.
 func newSSEReader(r io.Reader) *sseReader {
 	return &sseReader{r: bufio.NewReader(r)}
 }
 
-// next returns the next event. name and data are valid until the following
-// call. It returns io.EOF at a clean end and io.ErrUnexpectedEOF when the
-// stream stops inside an event.
+// next returns the next event, valid until the following call. A stream that stops inside an
+// event ends with io.ErrUnexpectedEOF, not io.EOF.
 func (s *sseReader) next() (name, data []byte, err error) {
 	s.name, s.data = s.name[:0], s.data[:0]
 	hasData := false
@@ -90,9 +82,8 @@ func (s *sseReader) next() (name, data []byte, err error) {
 	}
 }
 
-// line returns the next line without its terminator. CR, LF and CRLF all
-// end a line (WHATWG HTML §9.2.5), so a stray CR can never smuggle a line
-// break into an event name or data line that is relayed to the client.
+// line returns the next line without its terminator. CR, LF and CRLF all end a line, so a stray
+// CR cannot smuggle a line break into an event name or data relayed to the client.
 func (s *sseReader) line() ([]byte, error) {
 	if len(s.pending) == 0 {
 		line, err := s.r.ReadSlice('\n')
@@ -125,15 +116,12 @@ func (s *sseReader) line() ([]byte, error) {
 	return line[:i], nil
 }
 
-// buffered reports whether more upstream bytes have already arrived, so the
-// writer can coalesce the flush of events that came together.
+// buffered reports whether more upstream bytes have arrived: their events can share one flush.
 func (s *sseReader) buffered() bool { return len(s.pending) > 0 || s.r.Buffered() > 0 }
 
-// sseWriter writes server-sent events to the client. Every event is written whole; flush pushes
-// them to the network. The response begins (status and headers) with the first event, so a
-// request that fails before it still gets a proper HTTP error. Once the backend's stream is
-// open, the writer sends a ": keepalive" comment after every interval of silence, so clients
-// and intermediaries do not give up during long reasoning.
+// sseWriter writes whole events to the client. The headers go out with the first event, so a
+// request that fails before it still gets a proper HTTP error. From the first flush on, each
+// interval of silence earns a keepalive, so that clients wait through long reasoning.
 type sseWriter struct {
 	mu       sync.Mutex
 	w        http.ResponseWriter
@@ -147,22 +135,11 @@ type sseWriter struct {
 	idle     *time.Timer
 }
 
-// newSSEWriter returns a writer that has sent nothing yet.
 func newSSEWriter(w http.ResponseWriter, interval time.Duration) *sseWriter {
-	return &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval, ping: []byte(": keepalive\n\n")}
+	return &sseWriter{w: w, rc: http.NewResponseController(w), interval: interval,
+		ping: []byte(": keepalive\n\n")}
 }
 
-// startLocked sends the status and the event-stream headers.
-func (s *sseWriter) startLocked() {
-	h := s.w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no") // keeps reverse proxies such as nginx from buffering
-	s.w.WriteHeader(http.StatusOK)
-	s.started = true
-}
-
-// keepalive runs on the timer's goroutine.
 func (s *sseWriter) keepalive() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -172,8 +149,7 @@ func (s *sseWriter) keepalive() {
 	}
 }
 
-// event writes one event; name may be empty. data containing newlines is split over several
-// data lines, as the format requires.
+// event writes one event; name may be empty. Each line of data gets a data field of its own.
 func (s *sseWriter) event(name string, data []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -181,13 +157,8 @@ func (s *sseWriter) event(name string, data []byte) {
 	if name != "" {
 		b = append(append(append(b, "event: "...), name...), '\n')
 	}
-	for {
-		line, rest, more := bytes.Cut(data, []byte("\n"))
+	for line := range bytes.SplitSeq(data, []byte("\n")) {
 		b = append(append(append(b, "data: "...), line...), '\n')
-		if !more {
-			break
-		}
-		data = rest
 	}
 	s.buf = append(b, '\n')
 	s.writeLocked(s.buf)
@@ -207,7 +178,12 @@ func (s *sseWriter) flush() {
 
 func (s *sseWriter) writeLocked(b []byte) {
 	if !s.started {
-		s.startLocked()
+		h := s.w.Header()
+		h.Set("Content-Type", "text/event-stream")
+		h.Set("Cache-Control", "no-cache")
+		h.Set("X-Accel-Buffering", "no") // keeps reverse proxies such as nginx from buffering
+		s.w.WriteHeader(http.StatusOK)
+		s.started = true
 	}
 	if s.err == nil {
 		_, s.err = s.w.Write(b)
@@ -234,47 +210,39 @@ func (s *sseWriter) close() bool {
 	return s.started
 }
 
-// tokenSource supplies the bearer token and ChatGPT account id; authStore is the real one.
-// rejected is a token the backend just answered 401 to.
+// tokenSource supplies the bearer and the account id; rejected is a token the backend refused.
 type tokenSource interface {
 	token(ctx context.Context, rejected string) (secret, string, error)
 }
 
-// The Codex CLI version whose requests ccproxy reproduces. The backend uses originator and
-// version for analytics and routing; none is known to be validated, but matching the CLI
-// avoids surprises (codex-rs/login/src/auth/default_client.rs).
+// The Codex CLI whose requests ccproxy reproduces (codex-rs/login/src/auth/default_client.rs).
+// The backend uses them for analytics and routing; it is not known to validate them.
 const (
 	codexVersion    = "0.169.0"
 	codexOriginator = "codex_cli_rs"
+	codexUserAgent  = codexOriginator + "/" + codexVersion + " (" + runtime.GOOS + "; " + runtime.GOARCH +
+		") ccproxy"
 )
 
-// upstream calls the Codex backend.
 type upstream struct {
 	base    string
 	auth    tokenSource
 	client  *http.Client
 	now     func() time.Time
-	retries int           // extra attempts after 5xx or transport errors
-	backoff time.Duration // first retry delay, doubled each time
-	agent   string
+	retries int                         // extra attempts after 5xx or transport errors
+	backoff time.Duration               // first retry delay, doubled each time
 	usage   atomic.Pointer[http.Header] // latest x-codex-* headers, for GET /codex/usage
 }
 
-// newUpstream returns a client for the backend at base.
+// newUpstream retries less than the Codex CLI, which makes 4 retries from 200 ms
+// (codex-rs/core/src/model_provider_info.rs): an interactive proxy gives up a little sooner.
 func newUpstream(base string, auth tokenSource, client *http.Client) *upstream {
-	return &upstream{
-		base: base, auth: auth, client: client, now: time.Now,
-		// The Codex CLI retries 4 times from 200 ms (codex-rs/core/src/model_provider_info.rs);
-		// an interactive proxy gives up a little sooner.
-		retries: 3, backoff: 200 * time.Millisecond,
-		agent: fmt.Sprintf("%s/%s (%s; %s) ccproxy", codexOriginator, codexVersion, runtime.GOOS, runtime.GOARCH),
-	}
+	return &upstream{base: base, auth: auth, client: client, now: time.Now, retries: 3,
+		backoff: 200 * time.Millisecond}
 }
 
-// newUpstreamClient returns the HTTP client for the backend. It has no Client.Timeout, which
-// "includes … reading the response body" and would cut long streams; ResponseHeaderTimeout and
-// the request context bound it. It keeps the cookies chatgpt.com sets, Cloudflare's among
-// them, as the Codex CLI does.
+// newUpstreamClient has no Client.Timeout, which "includes … reading the response body". Like the
+// Codex CLI, it keeps the cookies chatgpt.com sets, Cloudflare's among them.
 func newUpstreamClient() *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.ResponseHeaderTimeout = 2 * time.Minute
@@ -283,26 +251,28 @@ func newUpstreamClient() *http.Client {
 	return &http.Client{Transport: t, Jar: jar}
 }
 
-// challenge reports whether Cloudflare, in front of chatgpt.com, answered with a challenge
-// page instead of the backend (openai/codex#17860).
+// challenge reports a Cloudflare challenge page in place of the backend (openai/codex#17860).
 func challenge(resp *http.Response) bool {
 	ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
-	return resp.Header.Get("Cf-Mitigated") == "challenge" || resp.StatusCode == http.StatusForbidden && ct == "text/html"
+	return resp.Header.Get("Cf-Mitigated") == "challenge" ||
+		resp.StatusCode == http.StatusForbidden && ct == "text/html"
 }
 
-// send posts one turn's request.
 func (u *upstream) send(ctx context.Context, req *request) (*http.Response, error) {
 	return u.do(ctx, http.MethodPost, u.base+"/responses", req.body, req.header)
 }
 
-// do sends one request to the backend and returns a 2xx or 304 response. A 401 is retried once
-// with a refreshed token, a Cloudflare challenge once with the cookies it set; 5xx and
-// transport errors are retried with backoff (honouring Retry-After) before any byte reached
-// the client. Other failures are an *upstreamError.
-func (u *upstream) do(ctx context.Context, method, url string, body []byte, header http.Header) (*http.Response, error) {
+// errUnreachable marks a transport failure, which do retries.
+var errUnreachable = errors.New("could not reach the Codex backend")
+
+// do returns a 2xx or 304 response. It retries a 401 once with a refreshed token, a Cloudflare
+// challenge once with the cookies it set, and 5xx and transport errors with backoff (or
+// Retry-After). Other failures are an *upstreamError.
+func (u *upstream) do(ctx context.Context, method, url string, body []byte,
+	h http.Header) (*http.Response, error) {
 	rejected, challenged := "", false
 	for attempt := 0; ; attempt++ {
-		resp, tok, err := u.try(ctx, method, url, body, header, rejected)
+		resp, tok, err := u.try(ctx, method, url, body, h, rejected)
 		var delay time.Duration
 		switch {
 		case err != nil && (ctx.Err() != nil || !errors.Is(err, errUnreachable)):
@@ -328,7 +298,8 @@ func (u *upstream) do(ctx context.Context, method, url string, body []byte, head
 			if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
 				if delay = time.Duration(s) * time.Second; delay > 30*time.Second {
 					return nil, &apiError{kind: errBackend, code: "upstream_unavailable", msg: fmt.Sprintf(
-						"the Codex backend is unavailable (HTTP %d) and asks to retry in %s", resp.StatusCode, delay)}
+						"the Codex backend is unavailable (HTTP %d) and asks to retry in %s",
+						resp.StatusCode, delay)}
 				}
 			}
 		default:
@@ -341,16 +312,13 @@ func (u *upstream) do(ctx context.Context, method, url string, body []byte, head
 	}
 }
 
-// errUnreachable marks a transport failure, which do retries.
-var errUnreachable = errors.New("could not reach the Codex backend")
-
 // try makes one attempt with the current token, returned so that a 401 can name it.
-func (u *upstream) try(ctx context.Context, method, url string, body []byte, header http.Header,
+func (u *upstream) try(ctx context.Context, method, url string, body []byte, h http.Header,
 	rejected string) (*http.Response, secret, error) {
 	tok, account, err := u.auth.token(ctx, rejected)
 	if err != nil && !errors.Is(err, errLoginRequired) && ctx.Err() == nil {
-		err = &apiError{kind: errBackend, code: "token_refresh_failed", cause: err, msg: "could not refresh " +
-			"the ChatGPT token (" + err.Error() + "); try again, or run `ccproxy auth login-openai`"}
+		err = &apiError{kind: errBackend, code: "token_refresh_failed", cause: err, msg: "could not " +
+			"refresh the ChatGPT token (" + err.Error() + "); try again, or run `ccproxy auth login-openai`"}
 	}
 	if err != nil {
 		return nil, "", err
@@ -359,12 +327,12 @@ func (u *upstream) try(ctx context.Context, method, url string, body []byte, hea
 	if err != nil {
 		return nil, "", err
 	}
-	maps.Copy(req.Header, header)
+	maps.Copy(req.Header, h)
 	req.Header.Set("Authorization", "Bearer "+string(tok))
 	req.Header.Set("Chatgpt-Account-Id", account)
 	req.Header.Set("Originator", codexOriginator)
 	req.Header.Set("Version", codexVersion)
-	req.Header.Set("User-Agent", u.agent)
+	req.Header.Set("User-Agent", codexUserAgent)
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
@@ -382,14 +350,12 @@ func drain(resp *http.Response) {
 	resp.Body.Close()
 }
 
-// remember keeps the backend's rate-limit headers for GET /codex/usage.
 func (u *upstream) remember(h http.Header) {
 	if c := codexHeaders(h); len(c) > 0 {
 		u.usage.Store(&c)
 	}
 }
 
-// usageWindow is one rate-limit window of the ChatGPT plan.
 type usageWindow struct {
 	UsedPercent   float64 `json:"used_percent"`
 	WindowMinutes float64 `json:"window_minutes"`
@@ -407,10 +373,8 @@ type usageReport struct {
 	Credits     json.RawMessage `json:"credits,omitempty"`
 }
 
-// report returns the plan's rate-limit windows: from the x-codex-* headers of the latest
-// answer, or before the first one from the backend's usage endpoint, beside the codex segment
-// of the base URL (the Codex CLI reads it since 0.154: codex-rs/backend-client). The 5-hour
-// window may be missing for some plans.
+// report reads the x-codex-* headers of the latest answer or, before one, the usage endpoint the
+// Codex CLI reads (codex-rs/backend-client). The 5-hour window may be missing for some plans.
 func (u *upstream) report(ctx context.Context) (usageReport, error) {
 	if h := u.usage.Load(); h != nil {
 		return headerReport(*h), nil
@@ -438,17 +402,18 @@ func (u *upstream) report(ctx context.Context) (usageReport, error) {
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&w); err != nil {
 		return usageReport{}, fmt.Errorf("read the usage endpoint's answer: %w", err)
 	}
-	r := usageReport{Available: true, Plan: w.Plan, Credits: w.Credits}
-	for dst, src := range map[**usageWindow]*window{&r.Primary: w.RateLimit.Primary, &r.Secondary: w.RateLimit.Secondary} {
-		if src != nil {
-			*dst = &usageWindow{src.UsedPercent, src.Seconds / 60, src.ResetsAt, src.ResetsAfter}
+	convert := func(w *window) *usageWindow {
+		if w == nil {
+			return nil
 		}
+		return &usageWindow{w.UsedPercent, w.Seconds / 60, w.ResetsAt, w.ResetsAfter}
 	}
-	return r, nil
+	return usageReport{Available: true, Plan: w.Plan, Credits: w.Credits,
+		Primary: convert(w.RateLimit.Primary), Secondary: convert(w.RateLimit.Secondary)}, nil
 }
 
-// headerReport reads the x-codex-* headers (codex-rs/codex-api/src/rate_limits.rs): a window
-// is there when its used percent or its length is.
+// headerReport reads the x-codex-* headers (codex-rs/codex-api/src/rate_limits.rs): a window is
+// there when its used percent or its length is.
 func headerReport(h http.Header) usageReport {
 	num := func(name string) float64 {
 		f, _ := strconv.ParseFloat(h.Get("X-Codex-"+name), 64)
@@ -470,12 +435,12 @@ func headerReport(h http.Header) usageReport {
 	if f, err := strconv.ParseFloat(h.Get("X-Codex-Credits-Balance"), 64); err == nil {
 		credits["balance"] = f
 	}
-	return usageReport{Available: true, Plan: h.Get("X-Codex-Plan-Type"), ActiveLimit: h.Get("X-Codex-Active-Limit"),
-		Primary: window("Primary"), Secondary: window("Secondary"), Credits: marshal(credits)}
+	return usageReport{Available: true, Plan: h.Get("X-Codex-Plan-Type"),
+		ActiveLimit: h.Get("X-Codex-Active-Limit"), Credits: marshal(credits),
+		Primary: window("Primary"), Secondary: window("Secondary")}
 }
 
-// codexHeaders returns the x-codex-* headers of h: the rate-limit snapshot the backend sends
-// with every answer (codex-rs/codex-api/src/rate_limits.rs).
+// codexHeaders returns the x-codex-* headers: the rate-limit snapshot sent with every answer.
 func codexHeaders(h http.Header) http.Header {
 	c := http.Header{}
 	for k, v := range h {
@@ -486,8 +451,7 @@ func codexHeaders(h http.Header) http.Header {
 	return c
 }
 
-// upstreamError is an error answer of the backend: its status, the fields of its body, and the
-// headers worth passing on. The message is the backend's own, relayed verbatim.
+// upstreamError is an error answer of the backend, relayed to the client.
 type upstreamError struct {
 	status           int
 	typ, code, param string
@@ -497,15 +461,16 @@ type upstreamError struct {
 
 func (e *upstreamError) Error() string { return e.msg }
 
-// refusal reads a backend error answer. Bodies come as {"detail":"…"} (gateway validation)
-// or {"error":{…}} (model and usage errors); an HTML page is Cloudflare's.
+// refusal reads a backend error answer. Bodies come as {"detail":"…"} (gateway validation) or
+// {"error":{…}} (model and usage errors); an HTML page is Cloudflare's.
 func (u *upstream) refusal(resp *http.Response) error {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if challenge(resp) || bytes.Contains(b, []byte("<html")) || bytes.Contains(b, []byte("<!DOCTYPE")) {
-		return &apiError{kind: errBackend, code: "cloudflare_challenge", msg: fmt.Sprintf("Cloudflare, in front of "+
-			"chatgpt.com, answered HTTP %d with a challenge page instead of the Codex backend: it distrusts this "+
-			"network or client; try again later, from another network, or through a proxy (HTTPS_PROXY)", resp.StatusCode)}
+		return &apiError{kind: errBackend, code: "cloudflare_challenge", msg: fmt.Sprintf("Cloudflare, "+
+			"in front of chatgpt.com, answered HTTP %d with a challenge page instead of the Codex backend: "+
+			"it distrusts this network or client; try again later, from another network, or through a "+
+			"proxy (HTTPS_PROXY)", resp.StatusCode)}
 	}
 	var body struct {
 		Detail any `json:"detail"`
@@ -557,12 +522,10 @@ func (u *upstream) refusal(resp *http.Response) error {
 	return out
 }
 
-// readTurn reads one backend stream into t, passing every event and piece to out, and asking
-// out to flush whenever no more upstream bytes are waiting. It returns at the terminal event
-// (nothing follows it, so it does not wait for EOF), or with the turn's failure. The events
-// that precede the output are held back until it begins, so that a failure before it (the
-// backend reports overload inside the stream, openai/codex#43337) reaches the client as an
-// HTTP error, or not at all when a retry succeeds.
+// readTurn reads one backend stream into t and out, flushing whenever no upstream bytes wait. It
+// returns at the terminal event or failure. Events before the output are held back, so that a
+// failure before it (overload is reported inside the stream, openai/codex#43337) reaches the
+// client as an HTTP error, or not at all when a retry succeeds.
 func readTurn(body io.Reader, t *turn, out renderer) error {
 	rd := newSSEReader(body)
 	var ev event
@@ -570,15 +533,15 @@ func readTurn(body io.Reader, t *turn, out renderer) error {
 	out.flush()      // the backend's stream is open: silence from now on earns keepalives
 	for {
 		name, data, err := rd.next()
+		if errors.Is(err, context.Canceled) { // the client left
+			return err
+		}
 		if errors.Is(err, io.EOF) {
 			err = errors.New("stream closed before response.completed")
 		}
-		if err != nil && !errors.Is(err, context.Canceled) { // canceled: the client left
+		if err != nil {
 			return &apiError{kind: errBackend, code: "upstream_stream_error", cause: err,
 				msg: "the Codex backend stream broke: " + err.Error()}
-		}
-		if err != nil {
-			return err
 		}
 		ev.decode(name, data)
 		t.add(&ev, out.piece)
@@ -608,24 +571,27 @@ func readTurn(body io.Reader, t *turn, out renderer) error {
 	}
 }
 
-// catalogModel is the part of a backend catalog entry (GET {upstream}/models) ccproxy reads:
-// how requests to the model are shaped, and what it can take.
+// catalogModel is what ccproxy reads of a backend catalog entry (GET {upstream}/models).
 type catalogModel struct {
-	Slug       string   `json:"slug"`
-	Visibility string   `json:"visibility,omitempty"`
-	Lite       bool     `json:"use_responses_lite,omitempty"`
-	Summary    *bool    `json:"supports_reasoning_summary_parameter,omitempty"`
-	Modalities []string `json:"input_modalities"`
-	Efforts    []struct {
-		Effort string `json:"effort"`
-	} `json:"supported_reasoning_levels"`
-	Tiers []struct {
-		ID string `json:"id"`
-	} `json:"service_tiers"`
-	BaseInstructions string `json:"base_instructions,omitempty"`
+	Slug             string         `json:"slug"`
+	Visibility       string         `json:"visibility,omitempty"`
+	Lite             bool           `json:"use_responses_lite,omitempty"`
+	Summary          *bool          `json:"supports_reasoning_summary_parameter,omitempty"`
+	Modalities       []string       `json:"input_modalities"`
+	Efforts          []catalogLevel `json:"supported_reasoning_levels"`
+	Tiers            []catalogTier  `json:"service_tiers"`
+	BaseInstructions string         `json:"base_instructions,omitempty"`
 	Messages         struct {
 		Template string `json:"instructions_template,omitempty"`
 	} `json:"model_messages"`
+}
+
+type catalogLevel struct {
+	Effort string `json:"effort"`
+}
+
+type catalogTier struct {
+	ID string `json:"id"`
 }
 
 // efforts lists the model's reasoning efforts; nil when the catalog does not say.
@@ -649,37 +615,35 @@ func (m *catalogModel) tiers() []string {
 	return ts
 }
 
-// fallbackModels is the catalog the Codex CLI 0.169.0 bundles, plus gpt-5.3-codex-spark (text
-// only, no reasoning.summary, openai/codex#34247): what ccproxy knows until the backend's own
-// catalog has been fetched once.
+// fallbackModels, used until the backend's catalog is fetched, is the Codex CLI 0.169.0's, plus
+// gpt-5.3-codex-spark (text only, no reasoning.summary, openai/codex#34247).
 var fallbackModels = func() []catalogModel {
 	const max, ultra = "low medium high xhigh max", "low medium high xhigh max ultra"
 	var ms []catalogModel
 	for _, e := range []struct {
-		slug, efforts          string
-		lite, listed, priority bool
-	}{{"gpt-6.1-sol", ultra, true, true, true}, {"gpt-6-astra", ultra, true, true, true},
-		{"gpt-6-sol", ultra, true, true, true}, {"gpt-6-luna", max, true, true, true},
-		{"gpt-5.6-sol", ultra, true, true, true}, {"gpt-6.1-terra", ultra, true, true, true},
-		{"gpt-5.6-terra", ultra, true, true, true}, {"gpt-5.6-luna", max, true, true, true},
-		{"gpt-daybreak-blue-latest", ultra, true, false, false}, {"gpt-daybreak-red-latest", ultra, true, false, false},
-		{"gpt-5.5", "low medium high xhigh", false, true, true}, {"codex-auto-review", max, true, false, true}} {
-		m := catalogModel{Slug: e.slug, Visibility: "hide", Lite: e.lite, Modalities: []string{"text", "image"},
-			Tiers: []struct {
-				ID string `json:"id"`
-			}{}}
+		slug, efforts, visibility string
+		lite, priority            bool
+	}{
+		{"gpt-6.1-sol", ultra, "list", true, true},
+		{"gpt-6-astra", ultra, "list", true, true},
+		{"gpt-6-sol", ultra, "list", true, true},
+		{"gpt-6-luna", max, "list", true, true},
+		{"gpt-5.6-sol", ultra, "list", true, true},
+		{"gpt-6.1-terra", ultra, "list", true, true},
+		{"gpt-5.6-terra", ultra, "list", true, true},
+		{"gpt-5.6-luna", max, "list", true, true},
+		{"gpt-daybreak-blue-latest", ultra, "hide", true, false},
+		{"gpt-daybreak-red-latest", ultra, "hide", true, false},
+		{"gpt-5.5", "low medium high xhigh", "list", false, true},
+		{"codex-auto-review", max, "hide", true, true},
+	} {
+		m := catalogModel{Slug: e.slug, Visibility: e.visibility, Lite: e.lite, Tiers: []catalogTier{},
+			Modalities: []string{"text", "image"}}
 		for _, effort := range strings.Fields(e.efforts) {
-			m.Efforts = append(m.Efforts, struct {
-				Effort string `json:"effort"`
-			}{effort})
+			m.Efforts = append(m.Efforts, catalogLevel{effort})
 		}
 		if e.priority {
-			m.Tiers = append(m.Tiers, struct {
-				ID string `json:"id"`
-			}{"priority"})
-		}
-		if e.listed {
-			m.Visibility = "list"
+			m.Tiers = append(m.Tiers, catalogTier{"priority"})
 		}
 		ms = append(ms, m)
 	}
@@ -687,22 +651,25 @@ var fallbackModels = func() []catalogModel {
 		Modalities: []string{"text"}})
 }()
 
-// catalog is the backend's model list, GET {upstream}/models, cached in memory for an hour and
-// on disk (models.json) with its ETag. A failed fetch is tried again after a minute.
+// catalog is the backend's model list, GET {upstream}/models, cached in memory for an hour and on
+// disk (models.json) with its ETag. A failed fetch is tried again after a minute.
 type catalog struct {
 	up     *upstream
 	path   string
 	now    func() time.Time
 	mu     sync.Mutex
 	etag   string
-	models []catalogModel
-	loaded bool      // models.json has been read
-	next   time.Time // when to ask the backend again
+	models []catalogModel // nil until models.json or the backend had some
+	next   time.Time      // when to ask the backend again
 }
 
-// newCatalog returns a catalog cached at path.
 func newCatalog(up *upstream, path string, now func() time.Time) *catalog {
-	return &catalog{up: up, path: path, now: now}
+	c := &catalog{up: up, path: path, now: now}
+	var cc cachedCatalog
+	if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &cc) == nil {
+		c.etag, c.models = cc.ETag, cc.Models
+	}
+	return c
 }
 
 // cachedCatalog is the models.json layout.
@@ -711,12 +678,11 @@ type cachedCatalog struct {
 	Models []catalogModel `json:"models"`
 }
 
-// list returns the models, refreshing the cache when it is due. Without any catalog it
-// returns the built-in one and the fetch error.
+// list returns the models, refreshing the cache when it is due. Without any catalog it returns
+// the built-in one and the fetch error.
 func (c *catalog) list(ctx context.Context) ([]catalogModel, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.loadLocked()
 	var err error
 	if now := c.now(); !now.Before(c.next) {
 		c.next = now.Add(time.Minute)
@@ -730,32 +696,20 @@ func (c *catalog) list(ctx context.Context) ([]catalogModel, error) {
 	return c.models, nil
 }
 
-// loadLocked reads the cached catalog from disk, once, and returns what is known: the catalog,
-// or the built-in one.
-func (c *catalog) loadLocked() []catalogModel {
-	if !c.loaded {
-		c.loaded = true
-		var cc cachedCatalog
-		if b, err := os.ReadFile(c.path); err == nil && json.Unmarshal(b, &cc) == nil {
-			c.etag, c.models = cc.ETag, cc.Models
-		}
-	}
-	if c.models == nil {
-		return fallbackModels
-	}
-	return c.models
-}
-
 // find returns the model's catalog entry, or nil. It asks the backend only for a model it does
 // not know yet (one newer than the built-in catalog): the rest is no reason to delay a turn.
 func (c *catalog) find(ctx context.Context, slug string) *catalogModel {
 	c.mu.Lock()
-	models := c.loadLocked()
+	models := c.models
 	c.mu.Unlock()
-	i := slices.IndexFunc(models, func(m catalogModel) bool { return m.Slug == slug })
+	if models == nil {
+		models = fallbackModels
+	}
+	is := func(m catalogModel) bool { return m.Slug == slug }
+	i := slices.IndexFunc(models, is)
 	if i < 0 {
 		models, _ = c.list(ctx)
-		i = slices.IndexFunc(models, func(m catalogModel) bool { return m.Slug == slug })
+		i = slices.IndexFunc(models, is)
 	}
 	if i < 0 {
 		return nil
@@ -763,7 +717,6 @@ func (c *catalog) find(ctx context.Context, slug string) *catalogModel {
 	return &models[i]
 }
 
-// fetch asks the backend for the catalog, conditionally on the ETag.
 func (c *catalog) fetch(ctx context.Context) error {
 	h := http.Header{"Accept": {"application/json"}}
 	if c.etag != "" && c.models != nil {
@@ -778,7 +731,8 @@ func (c *catalog) fetch(ctx context.Context) error {
 		return nil
 	}
 	var cc cachedCatalog
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(&cc); err != nil || len(cc.Models) == 0 {
+	err = json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(&cc)
+	if err != nil || len(cc.Models) == 0 {
 		return fmt.Errorf("fetch model catalog: unexpected reply (%v)", err)
 	}
 	cc.ETag = resp.Header.Get("Etag")
@@ -795,6 +749,7 @@ func (c *catalog) instructions(ctx context.Context, model string) (string, error
 			return text, nil
 		}
 	}
-	return "", &apiError{kind: errBackend, code: "instructions_unavailable", msg: fmt.Sprintf("the backend wants "+
-		"instructions for %q but the model catalog has none for it (%v); use --instructions file:PATH", model, err)}
+	return "", &apiError{kind: errBackend, code: "instructions_unavailable", msg: fmt.Sprintf("the "+
+		"backend wants instructions for %q but the model catalog has none for it (%v); use "+
+		"--instructions file:PATH", model, err)}
 }
