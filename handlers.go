@@ -26,14 +26,13 @@ import (
 	"unicode/utf8"
 )
 
-// maxBodyBytes caps request bodies; images arrive inline as base64.
-const maxBodyBytes = 32 << 20
+const (
+	maxBodyBytes      = 32 << 20         // request bodies: images arrive inline as base64
+	keepaliveInterval = 15 * time.Second // SSE comments during upstream silence
+)
 
-// keepaliveInterval is the SSE comment cadence during upstream silence.
-const keepaliveInterval = 15 * time.Second
-
-// errKind is a kind of failure, whichever layer finds it: these values are the one table of
-// HTTP statuses and OpenAI error types.
+// errKind is a kind of failure, whichever layer finds it: the one table of HTTP statuses and
+// OpenAI error types.
 type errKind struct {
 	status int
 	typ    string
@@ -54,21 +53,19 @@ var (
 	errUnavailable  = &errKind{503, "api_error"}
 )
 
-// apiError is a failure the client is told about: its kind, and the code, parameter and
-// message of the OpenAI error shape.
+// apiError is a failure the client is told about, in the OpenAI error shape.
 type apiError struct {
-	kind        *errKind
-	code, param string
-	msg         string
-	header      http.Header // extra response headers such as Retry-After
-	cause       error       // what went wrong underneath, for errors.Is
+	kind             *errKind
+	code, param, msg string
+	header           http.Header // extra response headers such as Retry-After
+	cause            error
 }
 
 func (e *apiError) Error() string { return e.msg }
 func (e *apiError) Unwrap() error { return e.cause }
 
-// describe maps any error to the status, type, code and parameter the client sees. The
-// message is always err.Error(), so what wrapping adds (a hint, a second failure) is kept.
+// describe maps any error to what the client sees. The message is always err.Error(), so what
+// wrapping adds (a hint, a second failure) is kept.
 func describe(err error) (k errKind, code, param string, header http.Header) {
 	var ue *upstreamError
 	var ae *apiError
@@ -99,15 +96,16 @@ func describe(err error) (k errKind, code, param string, header http.Header) {
 
 // anthropicTypes are the Anthropic error types by status; any other is api_error. An overload
 // keeps its 503: ccproxy never invents Anthropic's 529.
-var anthropicTypes = map[int]string{400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-	404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
-	503: "overloaded_error"}
+var anthropicTypes = map[int]string{
+	400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+	404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large",
+	429: "rate_limit_error", 503: "overloaded_error",
+}
 
-// errorBody is the error body of each API: OpenAI's shape (code and param null when empty),
-// or Anthropic's.
-func errorBody(api int, err error) map[string]any {
+// errorBody is Anthropic's error shape, or OpenAI's (code and param null when empty).
+func errorBody(anthropic bool, err error) map[string]any {
 	k, code, param, _ := describe(err)
-	if api == apiMessages {
+	if anthropic {
 		return map[string]any{"type": "error", "error": map[string]any{"message": err.Error(),
 			"type": cmp.Or(anthropicTypes[k.status], "api_error")}}
 	}
@@ -120,10 +118,9 @@ func errorBody(api int, err error) map[string]any {
 	return map[string]any{"error": e}
 }
 
-// errorEvent is the last event of a stream that failed after it began: it carries the error
-// and is never followed by a clean end.
+// errorEvent is the last event of a stream that failed after it began; no clean end follows it.
 func errorEvent(api int, err error) (string, []byte) {
-	body := errorBody(api, err)
+	body := errorBody(api == apiMessages, err)
 	switch api {
 	case apiChat:
 		return "", marshal(body)
@@ -150,18 +147,14 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	maps.Copy(w.Header(), header)
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(k.status)
-	api := apiResponses
-	if strings.Contains(r.URL.Path, "/messages") {
-		api = apiMessages
-	}
-	w.Write(marshal(errorBody(api, err)))
+	w.Write(marshal(errorBody(strings.Contains(r.URL.Path, "/messages"), err)))
 }
 
-// clientGone reports whether err comes from the client going away, and then notes it: it is
-// the client's doing, logged at debug, never answered as a backend failure. A body that
-// stopped arriving ends the request's context too, but it is answered (408).
+// clientGone reports whether err comes from the client going away, and notes it. A body that
+// stopped arriving ends the request's context too, but is answered (408).
 func clientGone(r *http.Request, err error) bool {
-	if r.Context().Err() == nil && !errors.Is(err, context.Canceled) || errors.Is(err, os.ErrDeadlineExceeded) {
+	gone := r.Context().Err() != nil || errors.Is(err, context.Canceled)
+	if !gone || errors.Is(err, os.ErrDeadlineExceeded) {
 		return false
 	}
 	ri := info(r)
@@ -179,29 +172,20 @@ func (f handlerFunc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// newServer builds the proxy's HTTP handler: the routes of addRoutes behind the middleware
-// that every request passes.
+// newServer is the whole API surface, behind the middleware that every request passes.
 func newServer(logger *slog.Logger, cfg config, auth *authStore, sessions *sessionStore, up *upstream,
 	models *catalog) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, cfg, auth, sessions, up, &prompts{instructions: cfg.instructions, models: models, needs: map[string]string{}})
-	var h http.Handler = jsonNotFound(mux)
-	h = requireKey(cfg.apiKey, h)
-	h = checkHost(cfg.apiKey, cfg.host, h)
-	return logRequests(logger, h)
-}
-
-// addRoutes is the whole API surface.
-func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessionStore, up *upstream, p *prompts) {
 	handle := func(pattern string, h http.Handler) {
 		if !cfg.codexEnabled && strings.Contains(pattern, " /codex") {
-			h = handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			h = handlerFunc(func(http.ResponseWriter, *http.Request) error {
 				return &apiError{kind: errUnavailable, code: "codex_disabled", msg: "the /codex routes are " +
 					"disabled: run `ccproxy config codex --enable` and restart `ccproxy serve`"}
 			})
 		}
 		mux.Handle(pattern, h)
 	}
+	p := &prompts{instructions: cfg.instructions, models: models}
 	b := &bodies{max: cfg.maxInflight, idle: cfg.bodyTimeout}
 	turn := handleTurn(sessions, up, p, b, cfg)
 	for _, path := range []string{"/codex", "/codex/v1", "/codex/{session_id}"} {
@@ -212,16 +196,19 @@ func addRoutes(mux *http.ServeMux, cfg config, auth *authStore, sessions *sessio
 	for _, path := range []string{"/codex", "/codex/v1"} {
 		handle("POST "+path+"/images/generations", handleImages(up, p, b, cfg.imageModel))
 		handle("POST "+path+"/messages/count_tokens", handleCountTokens(b, cfg.claude))
-		handle("GET "+path+"/models", handleModels(p.models))
-		handle("GET "+path+"/responses/{id}", handleStored(sessions, false))
-		handle("GET "+path+"/responses/{id}/input_items", handleStored(sessions, true))
-		handle("DELETE "+path+"/responses/{id}", handleStoredDelete(sessions))
+		handle("GET "+path+"/models", handleModels(models))
+		handle("GET "+path+"/responses/{id}", handleStored(sessions))
+		handle("GET "+path+"/responses/{id}/input_items", handleStored(sessions))
+		handle("DELETE "+path+"/responses/{id}", handleStored(sessions))
 	}
 	handle("GET /codex/sessions", handleSessions(sessions))
 	handle("GET /codex/sessions/{id}", handleSessions(sessions))
 	handle("DELETE /codex/sessions/{id}", handleSessions(sessions))
 	handle("GET /codex/usage", handleUsage(up))
-	handle("GET /health", handleHealth(auth))
+	handle("GET /health", handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		return writeJSON(w, map[string]any{"status": "ok", "logged_in": auth.loggedIn()})
+	}))
+	return logRequests(logger, front(cfg.apiKey, cfg.host, mux))
 }
 
 // reqInfo is what the request's log line reports; handlers fill it in.
@@ -235,16 +222,10 @@ type reqInfo struct {
 	canceled bool   // the client went away before the answer was complete
 }
 
-// reqKey is the context key of *reqInfo.
 type reqKey struct{}
 
-// info returns the request's log record.
-func info(r *http.Request) *reqInfo {
-	if ri, ok := r.Context().Value(reqKey{}).(*reqInfo); ok {
-		return ri
-	}
-	return &reqInfo{logger: slog.New(slog.DiscardHandler)}
-}
+// info returns the request's log record, which logRequests gives every request.
+func info(r *http.Request) *reqInfo { return r.Context().Value(reqKey{}).(*reqInfo) }
 
 // logRequests gives each request an id, echoed as X-Request-Id, "used to correlate
 // user-visible errors with server logs" (tailscale tsweb), and logs one line when it ends.
@@ -258,18 +239,17 @@ func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
 		w.Header().Set("X-Request-Id", ri.id)
 		sw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
 		next.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), reqKey{}, ri)))
-		level := slog.LevelInfo
-		switch {
-		case sw.status >= 500:
-			level = slog.LevelError
-		case ri.err != "":
-			level = slog.LevelWarn
-		}
 		attrs := []slog.Attr{slog.String("method", r.Method), slog.String("path", r.URL.Path),
-			slog.Int("status", sw.status), slog.Int64("bytes", sw.bytes), slog.Duration("duration", time.Since(start)),
-			slog.String("model", ri.model), slog.Bool("stream", ri.stream), slog.Bool("client_gone", ri.canceled)}
+			slog.Int("status", sw.status), slog.Int64("bytes", sw.bytes),
+			slog.Duration("duration", time.Since(start)), slog.String("model", ri.model),
+			slog.Bool("stream", ri.stream), slog.Bool("client_gone", ri.canceled)}
+		level := slog.LevelInfo
 		if ri.err != "" {
+			level = slog.LevelWarn
 			attrs = append(attrs, slog.String("err", ri.err))
+		}
+		if sw.status >= 500 {
+			level = slog.LevelError
 		}
 		ri.logger.LogAttrs(r.Context(), level, "request", attrs...)
 	})
@@ -296,49 +276,29 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// checkHost refuses requests addressed to a name other than this machine, so a web page cannot
-// reach the proxy through DNS rebinding. With an API key the key is the protection.
-func checkHost(apiKey secret, bound string, next http.Handler) http.Handler {
+// front refuses what no route should answer. Without --api-key it refuses names other than this
+// machine's, so a web page cannot reach the proxy through DNS rebinding. Unmatched paths and
+// methods get the API error shape, with the mux's status and Allow header.
+func front(key secret, bound string, mux *http.ServeMux) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		host, _, err := net.SplitHostPort(r.Host)
 		if err != nil {
 			host = r.Host
 		}
-		if apiKey == "" && !isLoopback(host) && !strings.EqualFold(strings.TrimSuffix(host, "."), bound) {
-			return &apiError{kind: errForbidden, code: "host_not_allowed", msg: fmt.Sprintf("Host %q is not allowed: "+
-				"ccproxy answers only requests addressed to localhost (DNS-rebinding protection); set --api-key "+
-				"to accept other names", r.Host)}
-		}
-		next.ServeHTTP(w, r)
-		return nil
-	})
-}
-
-// requireKey enforces --api-key, comparing in constant time.
-func requireKey(key secret, next http.Handler) http.Handler {
-	if key == "" {
-		return next
-	}
-	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-		if !strings.EqualFold(scheme, "Bearer") { // schemes are case-insensitive (RFC 9110 §11.1)
+		if !strings.EqualFold(scheme, "Bearer") { // schemes are case-insensitive (RFC 9110, 11.1)
 			got = r.Header.Get("X-Api-Key")
 		}
-		if subtle.ConstantTimeCompare([]byte(got), []byte(key)) != 1 {
-			return &apiError{kind: errUnauthorized, code: "invalid_api_key", msg: "missing or wrong API key: " +
-				"send Authorization: Bearer <key> (or x-api-key) with the key given to --api-key"}
-		}
-		next.ServeHTTP(w, r)
-		return nil
-	})
-}
-
-// jsonNotFound answers unmatched paths and methods in the API error shape, keeping the mux's
-// status and Allow header.
-func jsonNotFound(mux *http.ServeMux) http.Handler {
-	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		h, pattern := mux.Handler(r)
-		if pattern != "" {
+		switch {
+		case key == "" && !isLoopback(host) && !strings.EqualFold(strings.TrimSuffix(host, "."), bound):
+			return &apiError{kind: errForbidden, code: "host_not_allowed", msg: fmt.Sprintf("Host %q is "+
+				"not allowed: ccproxy answers only requests addressed to localhost (DNS-rebinding "+
+				"protection); set --api-key to accept other names", r.Host)}
+		case key != "" && subtle.ConstantTimeCompare([]byte(got), []byte(key)) != 1:
+			return &apiError{kind: errUnauthorized, code: "invalid_api_key", msg: "missing or wrong " +
+				"API key: send Authorization: Bearer <key> (or x-api-key) with the key given to --api-key"}
+		case pattern != "":
 			mux.ServeHTTP(w, r)
 			return nil
 		}
@@ -349,8 +309,9 @@ func jsonNotFound(mux *http.ServeMux) http.Handler {
 			return &apiError{kind: errMethod, code: "method_not_allowed",
 				msg: fmt.Sprintf("%s is not allowed on %s (allowed: %s)", r.Method, r.URL.Path, allow)}
 		}
-		return &apiError{kind: errNotFound, code: "not_found", msg: fmt.Sprintf("no route for %s %s: see GET "+
-			"/codex/v1/models, POST /codex/v1/chat/completions, /codex/v1/responses, /codex/v1/messages", r.Method, r.URL.Path)}
+		return &apiError{kind: errNotFound, code: "not_found", msg: fmt.Sprintf("no route for %s %s: "+
+			"see GET /codex/v1/models, POST /codex/v1/chat/completions, /codex/v1/responses, "+
+			"/codex/v1/messages", r.Method, r.URL.Path)}
 	})
 }
 
@@ -372,17 +333,7 @@ func writeJSON(w http.ResponseWriter, v any) error {
 	return nil
 }
 
-// handleHealth reports liveness and whether credentials are present.
-func handleHealth(auth *authStore) http.Handler {
-	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		return writeJSON(w, map[string]any{"status": "ok", "logged_in": auth.loggedIn()})
-	})
-}
-
-// handleTurn answers Chat Completions, Responses and Anthropic Messages requests. The path of
-// one request: parse the body into a call, check it against the model's catalog entry, expand
-// its references, open its session, send the one upstream request, read the backend's stream
-// into a turn while the renderer writes it, save the turn, end the answer.
+// handleTurn answers Chat Completions, Responses and Anthropic Messages requests.
 func handleTurn(sessions *sessionStore, up *upstream, p *prompts, b *bodies, cfg config) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		c, release, err := readCall(w, r, b, cfg.claude)
@@ -457,10 +408,9 @@ func exchange(ctx context.Context, up *upstream, p *prompts, c *call, input []js
 	}
 }
 
-// readCall reads a body into a call, as the path's API: a body with "messages" is a chat
-// request on the Responses paths too. Invalid UTF-8, which can only be inside strings,
-// becomes U+FFFD, as encoding/json decodes it: one rule for every API, and no raw bytes
-// upstream or on disk.
+// readCall reads a body into a call, as the path's API (a body with "messages" is a chat request
+// on the Responses paths too). Invalid UTF-8, which can only be inside strings, becomes U+FFFD,
+// as encoding/json decodes it: no raw bytes go upstream or to disk.
 func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeModels) (*call, func(), error) {
 	body, release, err := b.read(w, r)
 	if err != nil {
@@ -474,7 +424,7 @@ func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeMo
 		defer b.heavy.Unlock()
 	}
 	ri := info(r)
-	ri.logger.Debug("request body", "body", redact(body))
+	ri.logger.Debug("request body", "body", redacted(body))
 	var c *call
 	switch {
 	case strings.HasSuffix(r.URL.Path, "/chat/completions"):
@@ -499,11 +449,10 @@ func readCall(w http.ResponseWriter, r *http.Request, b *bodies, claude claudeMo
 	return c, release, nil
 }
 
-// openSession finds the request's session, locked for this turn, and whether the turn is to
-// be kept in it. A session named by the path or a header keeps every turn, whatever store
-// says: naming it asked for that. Otherwise a Responses request is stored, in the session of
-// its previous_response_id or a new automatic one, unless it says store:false. Chat and
-// Anthropic requests without a session are not stored: their clients resend the history.
+// openSession finds the request's session, locked for this turn, and whether to keep the turn.
+// A session named by the path or a header keeps every turn, whatever store says. Otherwise a
+// Responses request is kept, in the session of its previous_response_id or a new automatic one,
+// unless store is false; Chat and Anthropic clients resend their history, so are not stored.
 func openSession(r *http.Request, sessions *sessionStore, c *call) (*session, string, bool, error) {
 	// The Codex CLI sends "session-id" (2026) or "session_id" (2025).
 	id := cmp.Or(r.PathValue("session_id"), r.Header.Get("Session-Id"), r.Header.Get("Session_id"),
@@ -540,23 +489,22 @@ func conversationID(c *call, r *http.Request) string {
 	return uuid(h.Sum(nil))
 }
 
-// newUUID returns a random (version 4) UUID, the id the Codex CLI uses for sessions.
+// newUUID returns a random UUID, the id the Codex CLI uses for sessions.
 func newUUID() string {
 	var b [16]byte
 	rand.Read(b[:])
 	return uuid(b[:])
 }
 
-// uuid formats the first 16 bytes of b as a version 4 UUID.
+// uuid formats the first 16 bytes of b as a version 4 UUID, setting the version and variant bits.
 func uuid(b []byte) string {
 	b[6], b[8] = b[6]&0x0f|0x40, b[8]&0x3f|0x80
 	h := hex.EncodeToString(b[:16])
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-// bodies bounds the bytes of request bodies held at once (--max-inflight-bytes), from their
-// first byte until their handler returns, so that many large uploads at once cannot exhaust
-// memory: beyond the bound a request gets a 503 with Retry-After.
+// bodies bounds the bytes of request bodies held at once (--max-inflight-bytes), from their first
+// byte until their handler returns, so many large uploads cannot exhaust memory.
 type bodies struct {
 	mu        sync.Mutex
 	held, max int64
@@ -564,7 +512,6 @@ type bodies struct {
 	idle      time.Duration // how long a body may stall
 }
 
-// take counts n more bytes, if they fit.
 func (b *bodies) take(n int64) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -575,19 +522,23 @@ func (b *bodies) take(n int64) bool {
 	return true
 }
 
-// errBodiesFull is the error of a body that does not fit the bound.
-var errBodiesFull = &apiError{kind: errUnavailable, code: "server_busy", header: http.Header{"Retry-After": {"5"}},
-	msg: "ccproxy is holding as many request bodies as --max-inflight-bytes allows; retry in a few seconds"}
+var errBodiesFull = &apiError{kind: errUnavailable, code: "server_busy",
+	header: http.Header{"Retry-After": {"5"}}, msg: "ccproxy is holding as many request bodies as " +
+		"--max-inflight-bytes allows; retry in a few seconds"}
 
-// read reads the request body, up to maxBodyBytes, within the bound. A body that stops
-// arriving for b.idle is cut off with a 408; one the client breaks (a malformed chunk, a cut)
-// is a 400. Its bytes count against the bound until release.
+// read reads the request body, up to maxBodyBytes, within the bound. A body that stops arriving
+// for b.idle is cut off with a 408; one the client breaks (a malformed chunk, a cut) is a 400.
+// Its bytes count against the bound until release.
 func (b *bodies) read(w http.ResponseWriter, r *http.Request) (body []byte, release func(), err error) {
 	var held int64
 	release = func() { b.take(-held) }
 	rc := http.NewResponseController(w)
 	defer rc.SetReadDeadline(time.Time{}) // the connection's idle reads are the server's again
-	src := &stallReader{http.MaxBytesReader(w, r.Body, maxBodyBytes), rc, b.idle}
+	capped := http.MaxBytesReader(w, r.Body, maxBodyBytes)
+	src := readerFunc(func(p []byte) (int, error) { // a body may take as long as it needs while it arrives
+		rc.SetReadDeadline(time.Now().Add(b.idle))
+		return capped.Read(p)
+	})
 	switch n := r.ContentLength; {
 	case n > maxBodyBytes:
 		return nil, release, &http.MaxBytesError{Limit: maxBodyBytes}
@@ -617,40 +568,27 @@ func (b *bodies) read(w http.ResponseWriter, r *http.Request) (body []byte, rele
 		err = &apiError{kind: errTimeout, code: "body_timeout", cause: err,
 			msg: fmt.Sprintf("the request body stopped arriving for %s; send it whole", b.idle)}
 	default:
-		err = &apiError{kind: errInvalid, code: "bad_body", cause: err, msg: "could not read the request body: " + err.Error()}
+		err = &apiError{kind: errInvalid, code: "bad_body", cause: err,
+			msg: "could not read the request body: " + err.Error()}
 	}
 	return body, release, err
 }
 
-// stallReader moves the connection's read deadline forward before each read, so a body may
-// take as long as it needs while it keeps arriving.
-type stallReader struct {
-	r    io.Reader
-	rc   *http.ResponseController
-	idle time.Duration
+type readerFunc func(p []byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// redactPattern finds JSON string values of secret-looking keys, and of images.
+var redactPattern = regexp.MustCompile(`(?i)("[^"]*(?:token|secret|password|api_?key|authorization|` +
+	`result|b64_json|image)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"`)
+
+// redacted logs a body's first 16 KiB with secret-looking values hidden, computed only if the
+// record is written.
+type redacted []byte
+
+func (b redacted) LogValue() slog.Value {
+	return slog.StringValue(redactPattern.ReplaceAllString(string(b[:min(len(b), 16<<10)]), `$1"REDACTED"`))
 }
-
-func (s *stallReader) Read(p []byte) (int, error) {
-	s.rc.SetReadDeadline(time.Now().Add(s.idle))
-	return s.r.Read(p)
-}
-
-// redactPattern finds JSON string values of secret-looking keys, and of images: a generated
-// or uploaded image is never written to the log.
-var redactPattern = regexp.MustCompile(
-	`(?i)("[^"]*(?:token|secret|password|api_?key|authorization|result|b64_json|image)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"`)
-
-// redact hides secret-looking values in a body logged at debug level.
-func redact(body []byte) slog.LogValuer {
-	return lazyLog(func() string {
-		return redactPattern.ReplaceAllString(string(body[:min(len(body), 16<<10)]), `$1"REDACTED"`)
-	})
-}
-
-// lazyLog is a log value computed only when its record is written.
-type lazyLog func() string
-
-func (f lazyLog) LogValue() slog.Value { return slog.StringValue(f()) }
 
 // renderer writes one client API's answer while the turn grows.
 type renderer interface {
@@ -661,104 +599,97 @@ type renderer interface {
 	fail(err error)             // the turn failed, or could not be saved
 }
 
-// newRenderer picks the renderer for the call: a JSON answer, or a stream of chat chunks, of
-// Anthropic events, or of the backend's own events for a native Responses client.
-func newRenderer(w http.ResponseWriter, r *http.Request, c *call, mode reasoningMode, keepalive time.Duration) renderer {
+// answer is the renderer: one JSON object, or a stream of chat chunks, of Anthropic events, or of
+// the backend's own events. A stream's closing events wait until the turn is saved, so a failed
+// save still ends it with an error, never a clean end. The zero answer renders nothing.
+type answer struct {
+	w           http.ResponseWriter
+	r           *http.Request
+	api         int
+	sw          *sseWriter          // nil: no stream
+	pieces      func(*piece)        // the reply as it grows; nil: relay the backend's events
+	finish      func(*turn, []byte) // the JSON object, or the closing events
+	held        event               // the backend's terminal event, for a native client
+	relayedFail bool                // the native client already has the backend's failure event
+}
+
+func newRenderer(w http.ResponseWriter, r *http.Request, c *call, mode reasoningMode,
+	keepalive time.Duration) renderer {
 	id, created := info(r).id, time.Now().Unix()
+	o := &answer{w: w, r: r, api: c.api}
 	if !c.stream {
-		return &jsonRenderer{w: w, r: r, c: c, id: id, created: created, mode: mode}
+		o.finish = func(t *turn, b []byte) {
+			switch c.api {
+			case apiChat:
+				b = chatCompletion(t, "chatcmpl-"+id, created, c.model, mode, c.jsonMode)
+			case apiMessages:
+				b = anthropicMessage(t, "msg_"+id, c.clientModel)
+			}
+			info(r).logger.Debug("response body", "body", redacted(b))
+			writeJSON(w, b)
+		}
+		return o
 	}
-	o := &streamRenderer{sw: newSSEWriter(w, keepalive), r: r, api: c.api}
+	o.sw = newSSEWriter(w, keepalive)
 	switch c.api {
 	case apiChat:
-		cs := newChatStream("chatcmpl-"+id, created, c.model, mode, c.jsonMode, func(b []byte) { o.sw.event("", b) })
-		o.pieces, o.finish = cs.piece, func(t *turn) {
+		emit := func(b []byte) { o.sw.event("", b) }
+		cs := newChatStream("chatcmpl-"+id, created, c.model, mode, c.jsonMode, emit)
+		o.pieces, o.finish = cs.piece, func(t *turn, _ []byte) {
 			cs.finish(t, c.includeUsage)
 			o.sw.event("", []byte("[DONE]"))
 		}
 	case apiMessages: // Anthropic clients expect ping events during silence
 		as := &anthropicStream{id: "msg_" + id, model: c.clientModel, emit: o.sw.event}
-		o.pieces, o.finish, o.sw.ping = as.piece, as.finish, []byte("event: ping\ndata: {\"type\":\"ping\"}\n\n")
+		o.pieces, o.finish = as.piece, func(t *turn, _ []byte) { as.finish(t) }
+		o.sw.ping = []byte("event: ping\ndata: {\"type\":\"ping\"}\n\n")
+	default: // the terminal event, with the object the client would get without a stream
+		o.finish = func(_ *turn, obj []byte) {
+			var ev object
+			json.Unmarshal(o.held.data, &ev)
+			ev["response"] = obj
+			o.sw.event(o.held.typ, marshal(ev))
+		}
 	}
 	return o
 }
 
-// jsonRenderer answers a call that does not stream with one JSON object.
-type jsonRenderer struct {
-	w       http.ResponseWriter
-	r       *http.Request
-	c       *call
-	id      string
-	created int64
-	mode    reasoningMode
-}
-
-func (o *jsonRenderer) piece(*piece)   {}
-func (o *jsonRenderer) event(*event)   {}
-func (o *jsonRenderer) flush()         {}
-func (o *jsonRenderer) fail(err error) { writeError(o.w, o.r, err) }
-func (o *jsonRenderer) end(t *turn, b []byte) {
-	switch o.c.api {
-	case apiChat:
-		b = chatCompletion(t, "chatcmpl-"+o.id, o.created, o.c.model, o.mode, o.c.jsonMode)
-	case apiMessages:
-		b = anthropicMessage(t, "msg_"+o.id, o.c.clientModel)
-	}
-	info(o.r).logger.Debug("response body", "body", redact(b))
-	writeJSON(o.w, b)
-}
-
-// streamRenderer streams chat chunks or Anthropic events as the reply grows, or relays the
-// backend's events to a native client. The closing events wait until the turn is saved, so a
-// failed save still ends the stream with an error, never with a clean end.
-type streamRenderer struct {
-	sw          *sseWriter
-	r           *http.Request
-	api         int
-	pieces      func(*piece)  // the reply as it grows; nil: relay the backend's events
-	finish      func(t *turn) // the closing events; nil: the backend's terminal event
-	held        []byte        // the terminal event, as the backend sent it
-	heldName    string
-	relayedFail bool // the native client already has the backend's failure event
-}
-
-func (o *streamRenderer) piece(p *piece) {
+func (o *answer) piece(p *piece) {
 	if o.pieces != nil {
 		o.pieces(p)
 	}
 }
 
-func (o *streamRenderer) event(ev *event) {
+func (o *answer) event(ev *event) {
 	switch {
-	case o.pieces != nil:
+	case o.sw == nil || o.pieces != nil:
 	case ev.typ == "response.completed" || ev.typ == "response.done" || ev.typ == "response.incomplete":
-		o.held, o.heldName = bytes.Clone(ev.data), ev.typ
+		o.held = event{typ: ev.typ, data: bytes.Clone(ev.data)}
 	default:
 		o.relayedFail = o.relayedFail || ev.typ == "response.failed" || ev.typ == "error"
 		o.sw.event(ev.typ, ev.data)
 	}
 }
 
-func (o *streamRenderer) flush() { o.sw.flush() }
-
-func (o *streamRenderer) end(t *turn, obj []byte) {
-	if o.finish != nil {
-		o.finish(t)
-	} else { // the backend's terminal event, with the object the client would get without a stream
-		var ev object
-		json.Unmarshal(o.held, &ev)
-		ev["response"] = obj
-		o.sw.event(o.heldName, marshal(ev))
+func (o *answer) flush() {
+	if o.sw != nil {
+		o.sw.flush()
 	}
-	o.sw.flush()
-	o.sw.close()
 }
 
-// fail ends the stream with an error event, which the SDKs raise. Before the stream began the
-// error is an ordinary HTTP error.
-func (o *streamRenderer) fail(err error) {
-	if !o.sw.close() {
-		writeError(o.sw.w, o.r, err)
+func (o *answer) end(t *turn, obj []byte) {
+	o.finish(t, obj)
+	if o.sw != nil {
+		o.sw.flush()
+		o.sw.close()
+	}
+}
+
+// fail ends a stream with an error event, which the SDKs raise. Before a stream began, or
+// without one, the error is an ordinary HTTP error.
+func (o *answer) fail(err error) {
+	if o.sw == nil || !o.sw.close() {
+		writeError(o.w, o.r, err)
 		return
 	}
 	if clientGone(o.r, err) || o.relayedFail { // the Codex CLI maps response.failed itself
@@ -773,28 +704,26 @@ func (o *streamRenderer) fail(err error) {
 type prompts struct {
 	instructions instructions
 	models       *catalog
-	mu           sync.Mutex
-	needs        map[string]string // auto mode: what the backend insisted on, by model
+	needs        sync.Map // auto mode: what the backend insisted on ("empty" or "catalog"), by model
 }
 
 // prompt says how the call's request carries instructions. In every mode but none the client's
 // own instructions travel as a leading developer message, as the Codex CLI sends its prompt;
 // none sends exactly what the client sent.
 func (p *prompts) prompt(ctx context.Context, c *call) (prompt, error) {
-	switch p.instructions.mode {
+	mode := p.instructions.mode
+	if need, ok := p.needs.Load(c.model); ok {
+		mode = need.(string)
+	}
+	switch mode {
 	case "none":
 		return prompt{key: c.instructions}, nil
 	case "file":
 		return prompt{&p.instructions.text, true}, nil
-	}
-	p.mu.Lock()
-	need := p.needs[c.model]
-	p.mu.Unlock()
-	switch {
-	case p.instructions.mode == "catalog" || need == "catalog":
+	case "catalog":
 		text, err := p.models.instructions(ctx, c.model)
 		return prompt{&text, true}, err
-	case need == "empty":
+	case "empty":
 		return prompt{new(string), true}, nil
 	}
 	return prompt{asMessage: true}, nil
@@ -815,28 +744,22 @@ func (p *prompts) send(ctx context.Context, up *upstream, c *call, input []json.
 	if p.instructions.mode != "auto" || !errors.As(err, &ue) || ue.status != 400 {
 		return resp, err
 	}
+	var need string
 	switch msg := strings.ToLower(ue.msg); {
 	case pr.key == nil && strings.Contains(msg, "instructions are required"):
-		p.setNeed(c.model, "empty")
+		need = "empty"
 	case (pr.key == nil || *pr.key == "") && strings.Contains(msg, "instructions are not valid"):
-		p.setNeed(c.model, "catalog")
+		need = "catalog"
 	default:
 		return resp, err
 	}
+	p.needs.Store(c.model, need)
 	if pr, err = p.prompt(ctx, c); err != nil {
 		return nil, fmt.Errorf("%w (and fetching the model's instructions failed: %w)", ue, err)
 	}
 	return up.send(ctx, buildRequest(c, input, m, pr, sid))
 }
 
-// setNeed remembers what the backend insisted on for model.
-func (p *prompts) setNeed(model, need string) {
-	p.mu.Lock()
-	p.needs[model] = need
-	p.mu.Unlock()
-}
-
-// handleModels lists the catalog's visible models in OpenAI format.
 func handleModels(models *catalog) http.Handler {
 	type model struct {
 		ID      string `json:"id"`
@@ -859,17 +782,16 @@ func handleModels(models *catalog) http.Handler {
 	})
 }
 
-// handleImages answers the OpenAI Images API: n turns with the backend's image_generation
-// tool, in parallel, none of them stored. The first failure, or the client leaving, ends all.
+// handleImages answers the OpenAI Images API: n turns with the backend's image_generation tool,
+// in parallel, none of them stored. The first failure, or the client leaving, ends all.
 func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		body, release, err := b.read(w, r)
 		defer release()
-		var c *call
-		var n int
-		if err == nil {
-			c, n, err = parseImages(body, model)
+		if err != nil {
+			return err
 		}
+		c, n, err := parseImages(body, model)
 		if err != nil {
 			return err
 		}
@@ -877,24 +799,23 @@ func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handle
 		m := p.models.find(r.Context(), c.model)
 		ctx, cancel := context.WithCancelCause(r.Context())
 		defer cancel(nil)
-		turns, done := make([]*turn, n), make(chan struct{})
+		turns := make([]*turn, n)
+		var wg sync.WaitGroup
 		for i := range turns {
 			turns[i] = &turn{}
-			go func() {
-				defer func() { done <- struct{}{} }()
-				if err := exchange(ctx, up, p, c, c.input, m, newUUID(), turns[i], &jsonRenderer{}, http.Header{}); err != nil {
+			wg.Go(func() {
+				err := exchange(ctx, up, p, c, c.input, m, newUUID(), turns[i], &answer{}, http.Header{})
+				if err != nil {
 					cancel(err)
 				}
-			}()
+			})
 		}
-		for range turns {
-			<-done
-		}
-		answer, err := imagesAnswer(turns, time.Now().Unix())
+		wg.Wait()
+		images, err := imagesAnswer(turns, time.Now().Unix())
 		if err = cmp.Or(context.Cause(ctx), err); err != nil {
 			return err
 		}
-		return writeJSON(w, answer)
+		return writeJSON(w, images)
 	})
 }
 
@@ -911,55 +832,49 @@ func handleCountTokens(b *bodies, claude claudeModels) http.Handler {
 	})
 }
 
-// handleStored answers GET of a stored response, or of its input items as an OpenAI list
-// (order, after and limit as the OpenAI API takes them). Stored items have no ids of their
-// own, so listed ones are named by their place.
-func handleStored(sessions *sessionStore, inputItems bool) http.Handler {
+// handleStored answers GET and DELETE of a stored response, and GET of its input items as an
+// OpenAI list. Stored items have no ids of their own, so listed ones are named by their place.
+func handleStored(sessions *sessionStore) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		e, items, err := sessions.stored(r.PathValue("id"))
+		id := r.PathValue("id")
+		if r.Method == http.MethodDelete {
+			if err := sessions.deleteResponse(id); err != nil {
+				return err
+			}
+			return writeJSON(w, map[string]any{"id": id, "object": "response", "deleted": true})
+		}
+		e, items, err := sessions.stored(id)
 		q := r.URL.Query()
 		limit, lerr := strconv.Atoi(cmp.Or(q.Get("limit"), "20"))
 		switch {
 		case err != nil:
 			return err
-		case !inputItems:
+		case !strings.HasSuffix(r.Pattern, "/input_items"):
 			return writeJSON(w, []byte(e.Response))
 		case lerr != nil || limit < 1 || limit > 100:
 			return invalid("limit", "Invalid value for 'limit': expected an integer from 1 to 100.")
 		}
-		var ids []string
-		var list []json.RawMessage
-		for i := range e.Input[1] - e.Input[0] {
+		var list []object
+		for i, it := range items[e.Input[0]:e.Input[1]] {
 			var o object
-			json.Unmarshal(items[e.Input[0]+i], &o)
-			ids = append(ids, fmt.Sprintf("item_%d", i))
-			o["id"] = marshal(ids[i])
-			list = append(list, marshal(o))
+			json.Unmarshal(it, &o)
+			o["id"] = marshal(fmt.Sprintf("item_%d", i))
+			list = append(list, o)
 		}
 		if q.Get("order") != "asc" { // the OpenAI default is desc
-			slices.Reverse(ids)
 			slices.Reverse(list)
 		}
-		if i := slices.Index(ids, q.Get("after")); i >= 0 {
-			ids, list = ids[i+1:], list[i+1:]
+		after := marshal(q.Get("after"))
+		if i := slices.IndexFunc(list, func(o object) bool { return bytes.Equal(o["id"], after) }); i >= 0 {
+			list = list[i+1:]
 		}
 		n := min(limit, len(list))
-		page := map[string]any{"object": "list", "data": append([]json.RawMessage{}, list[:n]...),
+		page := map[string]any{"object": "list", "data": append([]object{}, list[:n]...),
 			"has_more": len(list) > n, "first_id": nil, "last_id": nil}
 		if n > 0 {
-			page["first_id"], page["last_id"] = ids[0], ids[n-1]
+			page["first_id"], page["last_id"] = list[0]["id"], list[n-1]["id"]
 		}
 		return writeJSON(w, page)
-	})
-}
-
-// handleStoredDelete forgets a stored response.
-func handleStoredDelete(sessions *sessionStore) http.Handler {
-	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		if err := sessions.deleteResponse(r.PathValue("id")); err != nil {
-			return err
-		}
-		return writeJSON(w, map[string]any{"id": r.PathValue("id"), "object": "response", "deleted": true})
 	})
 }
 
@@ -991,7 +906,6 @@ func handleSessions(sessions *sessionStore) http.Handler {
 	})
 }
 
-// handleUsage reports the plan's rate-limit windows.
 func handleUsage(up *upstream) http.Handler {
 	return handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		report, err := up.report(r.Context())
