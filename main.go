@@ -1,27 +1,19 @@
-// Command ccproxy lets a ChatGPT Plus/Pro subscriber use the ChatGPT "Codex"
-// backend from any OpenAI-compatible tool: the OpenAI SDKs, the Codex CLI,
-// agents and editors.
+// Command ccproxy lets a ChatGPT Plus/Pro subscriber use the ChatGPT "Codex" backend from any
+// OpenAI- or Anthropic-compatible tool: the SDKs, the Codex CLI, Claude Code, agents, editors.
 //
-// It logs in the way the Codex CLI does (OAuth2 PKCE), shares and refreshes
-// the Codex CLI's credential file ($CODEX_HOME/auth.json) under a file lock,
-// and serves OpenAI-style endpoints on 127.0.0.1:8000 that it translates to
-// the backend's Responses API:
+// It logs in the way the Codex CLI does (OAuth2 PKCE), shares and refreshes the Codex CLI's
+// credential file ($CODEX_HOME/auth.json) under a file lock, and serves the routes of addRoutes
+// on 127.0.0.1:8000, translated to the backend's Responses API:
 //
 //	ccproxy auth login-openai          # once; opens a browser
 //	ccproxy serve                      # listening on http://127.0.0.1:8000
 //	curl -s localhost:8000/codex/v1/chat/completions \
 //	  -d '{"model":"gpt-5.5","messages":[{"role":"user","content":"hi"}]}'
 //
-// Routes: POST /codex/v1/chat/completions, POST /codex/v1/responses,
-// GET /codex/v1/models (also without /v1), the same inside a persistent
-// session as /codex/{session_id}/…, GET/DELETE /codex/sessions[/{id}],
-// GET /codex/usage and GET /health.
-//
-// Environment: CODEX_HOME (credential directory, default ~/.codex),
-// CCPROXY_HOME (own state: config.json, sessions/, models.json; default the
-// user config directory + /ccproxy), and one CCPROXY_* variable per serve
-// flag (see `ccproxy help serve`). Precedence: flag, environment, config
-// file, default.
+// Environment: CODEX_HOME (credential directory, default ~/.codex), CCPROXY_HOME (own state:
+// config.json, sessions/, models.json; default the user config directory + /ccproxy), and one
+// CCPROXY_* variable per serve flag (see `ccproxy help serve`). Precedence: flag, environment,
+// config file, default.
 package main
 
 import (
@@ -63,7 +55,6 @@ type exitError struct {
 
 func (e *exitError) Error() string { return cmp.Or(e.msg, fmt.Sprintf("exit status %d", e.code)) }
 
-// exitStatus ends the program with code, the message already printed.
 func exitStatus(code int) error { return &exitError{code: code} }
 
 // usagef is a command-line mistake: exit status 2.
@@ -76,15 +67,13 @@ func exitCode(err error, stderr io.Writer) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.As(err, &ee) && ee.msg == "":
-		return ee.code
-	case errors.As(err, &ee):
-		fmt.Fprintf(stderr, "ccproxy: %s\nrun `ccproxy help` for usage\n", ee.msg)
-		return ee.code
-	default:
+	case !errors.As(err, &ee):
 		fmt.Fprintf(stderr, "ccproxy: %s\n", err)
 		return 1
+	case ee.msg != "":
+		fmt.Fprintf(stderr, "ccproxy: %s\nrun `ccproxy help` for usage\n", ee.msg)
 	}
+	return ee.code
 }
 
 const usage = `Usage: ccproxy COMMAND [flags]
@@ -104,66 +93,56 @@ Commands:
 Run 'ccproxy help serve' for the serve flags and their environment variables.
 `
 
-const serveUsage = `Usage: ccproxy serve [flags]
-
-Every flag also comes from its environment variable, then from
-$CCPROXY_HOME/config.json (key = flag name), then from the default.
-
-  --host HOST             CCPROXY_HOST           bind address (default 127.0.0.1);
-                                                 a non-loopback address needs --api-key
-  --port PORT             CCPROXY_PORT           port, 0 picks a free one (default 8000)
-  --api-key KEY           CCPROXY_API_KEY        require "Authorization: Bearer KEY" or
-                                                 "x-api-key: KEY" on every request
-  --upstream-url URL      CCPROXY_UPSTREAM_URL   Codex backend base
-                                                 (default https://chatgpt.com/backend-api/codex)
-  --auth-url URL          CCPROXY_AUTH_URL       OAuth issuer (default https://auth.openai.com)
-  --reasoning MODE        CCPROXY_REASONING      tags, field or none (default tags)
-  --instructions MODE     CCPROXY_INSTRUCTIONS   auto, catalog, none or file:PATH (default auto)
-  --session-ttl DURATION  CCPROXY_SESSION_TTL    idle time before a session expires (default 24h)
-  --max-sessions N        CCPROXY_MAX_SESSIONS   sessions kept at most (default 1000)
-  --max-session-bytes N   CCPROXY_MAX_SESSION_BYTES  transcript size cap (default 33554432)
-  --max-connections N     CCPROXY_MAX_CONNECTIONS    connections served at once (default 1024)
-  --image-model MODEL     CCPROXY_IMAGE_MODEL        the model that draws for /images (default gpt-5.5)
-  --anthropic-models LIST CCPROXY_ANTHROPIC_MODELS   the Codex model of each claude-* family (default
-                                                 opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna)
-  --max-inflight-bytes N  CCPROXY_MAX_INFLIGHT_BYTES request bodies held at once, in bytes
-                                                 (default 67108864); beyond it a 503
-  --log-format FORMAT     CCPROXY_LOG_FORMAT     text or json (default text)
-  --log-level LEVEL       CCPROXY_LOG_LEVEL      debug, info, warn or error (default info);
-                                                 debug logs bodies with secrets redacted
-
-Other environment: CODEX_HOME (credential directory, default ~/.codex),
-CCPROXY_HOME (state directory, default <user config dir>/ccproxy).
-`
-
 const configUsage = `Usage:
   ccproxy config codex --enable|--disable   turn the /codex routes on or off
   ccproxy config show                       print each effective setting and its source
 `
 
-// setting is one serve option: its flag name (also the config-file key),
-// environment variable and default.
-type setting struct{ flag, env, def string }
+// setting is one serve option: its flag name (also the config-file key), environment
+// variable, default and help.
+type setting struct{ flag, env, def, help string }
 
-// settings lists every serve option once. It drives flag parsing,
-// precedence and `config show`, so the three cannot disagree.
+// settings lists every serve option once. It drives precedence, the help and `config show`,
+// so they cannot disagree.
 var settings = []setting{
-	{"host", "CCPROXY_HOST", "127.0.0.1"},
-	{"port", "CCPROXY_PORT", "8000"},
-	{"api-key", "CCPROXY_API_KEY", ""},
-	{"upstream-url", "CCPROXY_UPSTREAM_URL", "https://chatgpt.com/backend-api/codex"},
-	{"auth-url", "CCPROXY_AUTH_URL", "https://auth.openai.com"},
-	{"reasoning", "CCPROXY_REASONING", "tags"},
-	{"instructions", "CCPROXY_INSTRUCTIONS", "auto"},
-	{"session-ttl", "CCPROXY_SESSION_TTL", "24h"},
-	{"max-sessions", "CCPROXY_MAX_SESSIONS", "1000"},
-	{"max-session-bytes", "CCPROXY_MAX_SESSION_BYTES", "33554432"},
-	{"max-connections", "CCPROXY_MAX_CONNECTIONS", "1024"},
-	{"image-model", "CCPROXY_IMAGE_MODEL", "gpt-5.5"},
-	{"anthropic-models", "CCPROXY_ANTHROPIC_MODELS", "opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna"},
-	{"max-inflight-bytes", "CCPROXY_MAX_INFLIGHT_BYTES", "67108864"},
-	{"log-format", "CCPROXY_LOG_FORMAT", "text"},
-	{"log-level", "CCPROXY_LOG_LEVEL", "info"},
+	{"host", "CCPROXY_HOST", "127.0.0.1", "bind address; a non-loopback address needs --api-key"},
+	{"port", "CCPROXY_PORT", "8000", "port, 0 picks a free one"},
+	{"api-key", "CCPROXY_API_KEY", "", `require "Authorization: Bearer KEY" or "x-api-key: KEY"`},
+	{"upstream-url", "CCPROXY_UPSTREAM_URL", "https://chatgpt.com/backend-api/codex", "Codex backend base"},
+	{"auth-url", "CCPROXY_AUTH_URL", "https://auth.openai.com", "OAuth issuer"},
+	{"reasoning", "CCPROXY_REASONING", "tags", "how reasoning is shown: tags, field or none"},
+	{"instructions", "CCPROXY_INSTRUCTIONS", "auto", "auto, catalog, none or file:PATH"},
+	{"session-ttl", "CCPROXY_SESSION_TTL", "24h", "idle time before a session expires"},
+	{"max-sessions", "CCPROXY_MAX_SESSIONS", "1000", "sessions kept at most"},
+	{"max-session-bytes", "CCPROXY_MAX_SESSION_BYTES", "33554432", "transcript size cap"},
+	{"max-connections", "CCPROXY_MAX_CONNECTIONS", "1024", "connections served at once"},
+	{"image-model", "CCPROXY_IMAGE_MODEL", "gpt-5.5", "the model that draws for /images"},
+	{"anthropic-models", "CCPROXY_ANTHROPIC_MODELS", "opus=gpt-6.1-sol,sonnet=gpt-6-sol,haiku=gpt-6-luna",
+		"the Codex model of each claude-* family"},
+	{"max-inflight-bytes", "CCPROXY_MAX_INFLIGHT_BYTES", "67108864",
+		"bytes of request bodies held at once; beyond it a 503"},
+	{"log-format", "CCPROXY_LOG_FORMAT", "text", "text or json"},
+	{"log-level", "CCPROXY_LOG_LEVEL", "info", "debug, info, warn or error; debug logs bodies minus secrets"},
+}
+
+// serveUsage is built from settings, so the help lists every flag with its variable and default.
+var serveUsage = serveHelp()
+
+func serveHelp() string {
+	var b strings.Builder
+	b.WriteString("Usage: ccproxy serve [flags]\n\n" +
+		"Every flag also comes from its environment variable, then from\n" +
+		"$CCPROXY_HOME/config.json (key = flag name), then from the default.\n\n")
+	for _, s := range settings {
+		fmt.Fprintf(&b, "  --%-19s %s\n        %s", s.flag, s.env, s.help)
+		if s.def != "" {
+			fmt.Fprintf(&b, " (default %s)", s.def)
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("\nOther environment: CODEX_HOME (credential directory, default ~/.codex),\n" +
+		"CCPROXY_HOME (state directory, default <user config dir>/ccproxy).\n")
+	return b.String()
 }
 
 // config is the validated configuration of `serve`.
@@ -195,26 +174,22 @@ type config struct {
 // file's text.
 type instructions struct{ mode, path, text string }
 
-// UnmarshalText reads the mode, and the file of file:PATH.
 func (in *instructions) UnmarshalText(b []byte) error {
 	s := string(b)
-	path, isFile := strings.CutPrefix(s, "file:")
-	switch {
-	case isFile:
+	if path, ok := strings.CutPrefix(s, "file:"); ok {
 		text, err := os.ReadFile(path)
-		if err != nil {
-			return err
+		if err == nil {
+			*in = instructions{"file", path, string(text)}
 		}
-		*in = instructions{"file", path, string(text)}
-	case s == "auto" || s == "catalog" || s == "none":
-		*in = instructions{mode: s}
-	default:
+		return err
+	}
+	if s != "auto" && s != "catalog" && s != "none" {
 		return errors.New("want auto, catalog, none or file:PATH")
 	}
+	*in = instructions{mode: s}
 	return nil
 }
 
-// MarshalText returns the flag's form.
 func (in instructions) MarshalText() ([]byte, error) {
 	if in.mode == "file" {
 		return []byte("file:" + in.path), nil
@@ -226,7 +201,8 @@ func (in instructions) MarshalText() ([]byte, error) {
 type resolved struct{ name, value, source string }
 
 // run is the whole program; main only supplies the operating system.
-func run(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, getenv func(string) string, stdin io.Reader,
+	stdout, stderr io.Writer) error {
 	if len(args) < 2 {
 		fmt.Fprint(stderr, usage)
 		return exitStatus(2)
@@ -238,19 +214,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	file, err := readConfigFile(home)
 	if err != nil {
 		return err
-	}
-	// The config file backs the environment for the other commands, so
-	// `auth login-openai` honours an auth-url saved there too.
-	env := func(key string) string {
-		if v := getenv(key); v != "" {
-			return v
-		}
-		for _, s := range settings {
-			if s.env == key {
-				return file.values[s.flag]
-			}
-		}
-		return ""
 	}
 	cmd, rest := args[1], args[2:]
 	switch cmd {
@@ -265,9 +228,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		}
 		return serve(ctx, cfg, stdout, stderr)
 	case "auth":
-		return runAuth(ctx, rest, env, stdin, stdout, stderr)
+		return runAuth(ctx, rest, settingsEnv(getenv, file), stdin, stdout, stderr)
 	case "usage":
-		return runUsage(ctx, rest, env, stdout, stderr)
+		return runUsage(ctx, rest, settingsEnv(getenv, file), stdout, stderr)
 	case "config":
 		return runConfig(rest, getenv, home, file, stdout, stderr)
 	case "version":
@@ -278,7 +241,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		if len(rest) > 0 {
 			topic = rest[0]
 		}
-		text, ok := map[string]string{"": usage, "serve": serveUsage, "auth": authUsage, "config": configUsage}[topic]
+		text, ok := map[string]string{"": usage, "serve": serveUsage, "auth": authUsage,
+			"config": configUsage}[topic]
 		if !ok {
 			return usagef("no help for %q", topic)
 		}
@@ -289,57 +253,82 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 	}
 }
 
-// configFile is $CCPROXY_HOME/config.json: serve settings by flag name plus
-// the /codex switch written by `ccproxy config codex`.
-type configFile struct {
-	values       map[string]string
-	codexEnabled bool
-	codexSet     bool // codex_enabled appears in the file
+// settingsEnv is getenv with each serve setting resolved as serve would (environment, config
+// file, default), so that `auth login-openai` honours an auth-url saved in the config file too.
+func settingsEnv(getenv func(string) string, file configFile) func(string) string {
+	return func(key string) string {
+		i := slices.IndexFunc(settings, func(s setting) bool { return s.env == key })
+		if i < 0 {
+			return getenv(key)
+		}
+		return resolve(settings[i], getenv, file).value
+	}
 }
 
-// readConfigFile reads config.json; a missing file is the empty config.
+// resolve finds the value of s that no flag gave.
+func resolve(s setting, getenv func(string) string, file configFile) resolved {
+	if v := getenv(s.env); v != "" {
+		return resolved{s.flag, v, "env " + s.env}
+	}
+	if v := file[s.flag]; v != "" {
+		return resolved{s.flag, v, "config file"}
+	}
+	return resolved{s.flag, s.def, "default"}
+}
+
+// configFile is $CCPROXY_HOME/config.json as text: serve settings by flag name, and
+// codex_enabled as `ccproxy config codex` writes it.
+type configFile map[string]string
+
 func readConfigFile(home string) (configFile, error) {
-	cf := configFile{values: map[string]string{}, codexEnabled: true}
 	path := filepath.Join(home, "config.json")
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return cf, nil
-	}
+	raw, err := readConfigJSON(path)
 	if err != nil {
-		return cf, fmt.Errorf("read config %s: %w", path, err)
+		return nil, err
 	}
-	var raw map[string]any
-	if err := json.Unmarshal(b, &raw); err != nil {
-		return cf, fmt.Errorf("config %s is not valid JSON (fix or remove it): %w", path, err)
-	}
+	cf := configFile{}
 	for k, v := range raw {
-		if k == "codex_enabled" {
-			enabled, ok := v.(bool)
-			if !ok {
-				return cf, fmt.Errorf("config %s: codex_enabled must be true or false", path)
-			}
-			cf.codexEnabled, cf.codexSet = enabled, true
-			continue
+		_, isBool := v.(bool)
+		isSetting := slices.ContainsFunc(settings, func(s setting) bool { return s.flag == k })
+		switch {
+		case k == "codex_enabled" && !isBool:
+			return nil, fmt.Errorf("config %s: codex_enabled must be true or false", path)
+		case k != "codex_enabled" && !isSetting:
+			return nil, fmt.Errorf("config %s: unknown key %q (keys are serve flag names, "+
+				"see `ccproxy help serve`)", path, k)
 		}
-		if !slices.ContainsFunc(settings, func(s setting) bool { return s.flag == k }) {
-			return cf, fmt.Errorf("config %s: unknown key %q (keys are serve flag names, see `ccproxy help serve`)", path, k)
-		}
-		switch v := v.(type) {
-		case string:
-			cf.values[k] = v
-		case float64, bool:
-			cf.values[k] = fmt.Sprint(v)
+		switch v.(type) {
+		case string, float64, bool:
+			cf[k] = fmt.Sprint(v)
 		default:
-			return cf, fmt.Errorf("config %s: %s must be a string or number", path, k)
+			return nil, fmt.Errorf("config %s: %s must be a string or number", path, k)
 		}
 	}
 	return cf, nil
 }
 
+// readConfigJSON reads the config file at path; a missing file is empty.
+func readConfigJSON(path string) (map[string]any, error) {
+	raw := map[string]any{}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return raw, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read config %s: %w", path, err)
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return nil, fmt.Errorf("config %s is not valid JSON (fix or remove it): %w", path, err)
+	}
+	return raw, nil
+}
+
 // parseServe resolves every setting (flag > env > config file > default) and validates it. The
 // resolved values come back even when one is invalid, so `config show` can display them.
-func parseServe(args []string, getenv func(string) string, file configFile, stderr io.Writer) (config, []resolved, error) {
-	cfg := config{codexEnabled: file.codexEnabled, keepalive: keepaliveInterval, bodyTimeout: 30 * time.Second}
+func parseServe(args []string, getenv func(string) string, file configFile,
+	stderr io.Writer) (config, []resolved, error) {
+	cfg := config{codexEnabled: file["codex_enabled"] != "false", keepalive: keepaliveInterval,
+		bodyTimeout: 30 * time.Second}
 	fs := flag.NewFlagSet("ccproxy serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, serveUsage) }
@@ -374,23 +363,16 @@ func parseServe(args []string, getenv func(string) string, file configFile, stde
 	var bad error
 	for _, s := range settings {
 		r := resolved{s.flag, fs.Lookup(s.flag).Value.String(), "flag --" + s.flag}
-		switch {
-		case set[s.flag]:
-			all = append(all, r)
-			continue
-		case getenv(s.env) != "":
-			r.value, r.source = getenv(s.env), "env "+s.env
-		case file.values[s.flag] != "":
-			r.value, r.source = file.values[s.flag], "config file"
-		default:
-			r.value, r.source = s.def, "default"
-		}
-		if err := fs.Set(s.flag, r.value); err != nil && bad == nil {
-			bad = usagef("invalid --%s %q (from %s): %v", s.flag, r.value, r.source, err)
+		if !set[s.flag] {
+			r = resolve(s, getenv, file)
+			if err := fs.Set(s.flag, r.value); err != nil && bad == nil {
+				bad = usagef("invalid --%s %q (from %s): %v", s.flag, r.value, r.source, err)
+			}
 		}
 		all = append(all, r)
 	}
-	cfg.upstreamURL, cfg.authURL = strings.TrimRight(cfg.upstreamURL, "/"), strings.TrimRight(cfg.authURL, "/")
+	cfg.upstreamURL = strings.TrimRight(cfg.upstreamURL, "/")
+	cfg.authURL = strings.TrimRight(cfg.authURL, "/")
 	if bad == nil {
 		bad = checkServe(&cfg, all)
 	}
@@ -427,7 +409,7 @@ func checkServe(cfg *config, all []resolved) error {
 }
 
 // isLoopback reports whether a Host names only this machine. Names compare case-insensitively,
-// and a trailing dot makes no difference (RFC 1034 §3.1).
+// and a trailing dot makes no difference (RFC 1034, section 3.1).
 func isLoopback(host string) bool {
 	host = strings.ToLower(strings.TrimSuffix(strings.TrimSuffix(strings.TrimPrefix(host, "["), "]"), "."))
 	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
@@ -437,7 +419,6 @@ func isLoopback(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// stateDir is $CCPROXY_HOME, else <user config dir>/ccproxy.
 func stateDir(getenv func(string) string) (string, error) {
 	if d := getenv("CCPROXY_HOME"); d != "" {
 		return d, nil
@@ -449,8 +430,8 @@ func stateDir(getenv func(string) string) (string, error) {
 	return filepath.Join(d, "ccproxy"), nil
 }
 
-// runConfig implements `ccproxy config`.
-func runConfig(args []string, getenv func(string) string, home string, file configFile, stdout, stderr io.Writer) error {
+func runConfig(args []string, getenv func(string) string, home string, file configFile,
+	stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		return usagef("config needs a subcommand: codex or show")
 	}
@@ -473,55 +454,52 @@ func runConfig(args []string, getenv func(string) string, home string, file conf
 		if err := writeConfigFile(home, "codex_enabled", *enable); err != nil {
 			return err
 		}
-		state := "disabled"
-		if *enable {
-			state = "enabled"
-		}
-		fmt.Fprintf(stdout, "/codex routes %s in %s (restart a running serve to apply)\n", state, filepath.Join(home, "config.json"))
+		state := map[bool]string{true: "enabled", false: "disabled"}[*enable]
+		fmt.Fprintf(stdout, "/codex routes %s in %s (restart a running serve to apply)\n",
+			state, filepath.Join(home, "config.json"))
 		return nil
 	case "show":
-		_, all, err := parseServe(nil, getenv, file, stderr)
-		if all == nil {
-			return err
-		}
-		source := func(env string) string {
-			if getenv(env) != "" {
-				return "env " + env
-			}
-			return "default"
-		}
-		authPath, _ := authFilePath(getenv)
-		codexSource := "default"
-		if file.codexSet {
-			codexSource = "config file"
-		}
-		all = append(all,
-			resolved{"codex", strconv.FormatBool(file.codexEnabled), codexSource},
-			resolved{"ccproxy-home", home, source("CCPROXY_HOME")},
-			resolved{"auth-file", authPath, source("CODEX_HOME")})
-		for _, r := range all {
-			if r.name == "api-key" && r.value != "" {
-				r.value = "(set)"
-			}
-			fmt.Fprintf(stdout, "%-18s %-42s %s\n", r.name, r.value, r.source)
-		}
-		return err // an invalid value is shown above, then reported
+		return configShow(getenv, home, file, stdout)
 	default:
 		return usagef("unknown config subcommand %q: use codex or show", args[0])
 	}
 }
 
-// writeConfigFile sets one key in config.json, keeping the others, written
-// atomically with mode 0600.
+// configShow prints every setting, valid or not, then reports the first invalid one.
+func configShow(getenv func(string) string, home string, file configFile, stdout io.Writer) error {
+	_, all, err := parseServe(nil, getenv, file, io.Discard)
+	if all == nil {
+		return err
+	}
+	source := func(env string) string {
+		if getenv(env) != "" {
+			return "env " + env
+		}
+		return "default"
+	}
+	authPath, _ := authFilePath(getenv)
+	codex := resolved{"codex", "true", "default"}
+	if v := file["codex_enabled"]; v != "" {
+		codex.value, codex.source = v, "config file"
+	}
+	all = append(all, codex,
+		resolved{"ccproxy-home", home, source("CCPROXY_HOME")},
+		resolved{"auth-file", authPath, source("CODEX_HOME")})
+	for _, r := range all {
+		if r.name == "api-key" && r.value != "" {
+			r.value = "(set)"
+		}
+		fmt.Fprintf(stdout, "%-18s %-42s %s\n", r.name, r.value, r.source)
+	}
+	return err
+}
+
+// writeConfigFile sets one key in config.json, keeping the others.
 func writeConfigFile(home, key string, value any) error {
 	path := filepath.Join(home, "config.json")
-	raw := map[string]any{}
-	if b, err := os.ReadFile(path); err == nil {
-		if err := json.Unmarshal(b, &raw); err != nil {
-			return fmt.Errorf("config %s is not valid JSON (fix or remove it): %w", path, err)
-		}
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("read config %s: %w", path, err)
+	raw, err := readConfigJSON(path)
+	if err != nil {
+		return err
 	}
 	raw[key] = value
 	b, err := json.MarshalIndent(raw, "", "  ")
@@ -533,7 +511,7 @@ func writeConfigFile(home, key string, value any) error {
 
 // writeFileAtomic replaces path with data so that readers see the old or the
 // new file, never a torn one: temp file in the same directory, 0600, fsync,
-// rename. It is shared by the config, session and credential writers.
+// rename.
 func writeFileAtomic(path string, data []byte) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -545,16 +523,8 @@ func writeFileAtomic(path string, data []byte) error {
 	}
 	defer os.Remove(f.Name()) // no-op after a successful rename
 	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(0o600)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
+	// Every step runs even after a failure, so the file is always closed; the first error wins.
+	if err = cmp.Or(err, f.Chmod(0o600), f.Sync(), f.Close()); err == nil {
 		err = os.Rename(f.Name(), path)
 	}
 	if err != nil {
@@ -616,19 +586,17 @@ func lockHolder(path string, stale time.Duration) (pid int, gone bool) {
 	case stale > 0 && age > stale:
 		return pid, true
 	}
-	p, err := os.FindProcess(pid) // on Windows this fails for a process that is gone
-	if err != nil {
-		return pid, true
+	// On Windows FindProcess fails for a process that is gone; elsewhere it always succeeds,
+	// and signal 0 probes: ESRCH means gone.
+	p, err := os.FindProcess(pid)
+	if err != nil || runtime.GOOS == "windows" {
+		return pid, err != nil
 	}
-	if runtime.GOOS == "windows" {
-		return pid, false
-	}
-	err = p.Signal(syscall.Signal(0)) // elsewhere signal 0 probes: ESRCH means gone
+	err = p.Signal(syscall.Signal(0))
 	return pid, err != nil && !errors.Is(err, os.ErrPermission)
 }
 
-// versionString reports the module version stamped by `go install
-// module@version` (or "(devel)" in a checkout) and the Go version.
+// versionString reports the module version that `go install module@version` stamps.
 func versionString() string {
 	bi, ok := debug.ReadBuildInfo()
 	if !ok {
@@ -648,34 +616,22 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 	unlock, err := lockFile(now, filepath.Join(cfg.home, "serve.lock"), 0)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("another ccproxy serve uses %s: %w; stop it, or give this one another CCPROXY_HOME", cfg.home, err)
+		return fmt.Errorf("another ccproxy serve uses %s: %w; stop it, or give this one another CCPROXY_HOME",
+			cfg.home, err)
 	}
 	defer unlock()
 	rollForward(cfg.authPath)
-
-	// Token refreshes outlive any one request, so the auth client is built
-	// once here; it may use a whole-request timeout because it never streams.
-	auth := newAuthStore(cfg.authPath, cfg.authURL, &http.Client{Timeout: 30 * time.Second}, time.Now)
-	sessions, err := newSessionStore(filepath.Join(cfg.home, "sessions"), cfg.sessionTTL, cfg.maxSessions, cfg.maxSessionBytes, time.Now)
+	auth, up := newBackend(cfg.authPath, cfg.authURL, cfg.upstreamURL)
+	sessions, err := newSessionStore(filepath.Join(cfg.home, "sessions"), cfg.sessionTTL, cfg.maxSessions,
+		cfg.maxSessionBytes, time.Now)
 	if err != nil {
 		return err
 	}
-	up := newUpstream(cfg.upstreamURL, auth, newUpstreamClient())
 	models := newCatalog(up, filepath.Join(cfg.home, "models.json"), time.Now)
 	handler := newServer(logger, cfg, auth, sessions, up, models)
-
-	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+	ln, err := listen(cfg, logger)
 	if err != nil {
-		return fmt.Errorf("listen on port %d: %w (is another server using it? choose another with --port)", cfg.port, err)
-	}
-	// Loopback is judged by the address bound, not by the name given: a name may resolve anywhere.
-	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
-		if cfg.apiKey == "" {
-			ln.Close()
-			return usagef("refusing to listen on %s (%s) without an API key: anyone who can reach it could use "+
-				"your ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1", cfg.host, ip)
-		}
-		logger.Warn("listening beyond this machine; every request needs the API key", "address", ip)
+		return err
 	}
 	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
 	srv := &http.Server{
@@ -689,7 +645,7 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(&limitListener{ln, make(chan struct{}, cfg.maxConnections)}) }()
+	go func() { served <- srv.Serve(ln) }()
 	select {
 	case err := <-served:
 		return fmt.Errorf("serve: %w", err)
@@ -704,6 +660,33 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 		srv.Close()
 	}
 	return nil
+}
+
+// newBackend connects to the Codex backend with the credential file at authPath. The auth
+// client may use a whole-request timeout because it never streams.
+func newBackend(authPath, authURL, upstreamURL string) (*authStore, *upstream) {
+	auth := newAuthStore(authPath, authURL, &http.Client{Timeout: 30 * time.Second}, time.Now)
+	return auth, newUpstream(upstreamURL, auth, newUpstreamClient())
+}
+
+// listen binds cfg's address, refusing one beyond this machine without an API key. Loopback is
+// judged by the address bound, not by the name given: a name may resolve anywhere.
+func listen(cfg config, logger *slog.Logger) (net.Listener, error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+	if err != nil {
+		return nil, fmt.Errorf("listen on port %d: %w (is another server using it? "+
+			"choose another with --port)", cfg.port, err)
+	}
+	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+		if cfg.apiKey == "" {
+			ln.Close()
+			return nil, usagef("refusing to listen on %s (%s) without an API key: anyone who can reach it "+
+				"could use your ChatGPT account; set --api-key (CCPROXY_API_KEY) or use --host 127.0.0.1",
+				cfg.host, ip)
+		}
+		logger.Warn("listening beyond this machine; every request needs the API key", "address", ip)
+	}
+	return &limitListener{ln, make(chan struct{}, cfg.maxConnections)}, nil
 }
 
 // limitListener accepts a connection only while fewer than cap(slots) are open; the others
@@ -724,7 +707,6 @@ func (l *limitListener) Accept() (net.Conn, error) {
 	return &limitConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
 }
 
-// limitConn gives its slot back when closed.
 type limitConn struct {
 	net.Conn
 	release func()
@@ -735,7 +717,6 @@ func (c *limitConn) Close() error {
 	return c.Conn.Close()
 }
 
-// newLogger builds the one logger of the process.
 func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: level}
 	if format == "json" {
@@ -745,7 +726,8 @@ func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 }
 
 // runUsage implements `ccproxy usage`: the plan and its rate-limit windows, from the backend.
-func runUsage(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+func runUsage(ctx context.Context, args []string, getenv func(string) string,
+	stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("ccproxy usage", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	asJSON := fs.Bool("json", false, "print JSON")
@@ -758,12 +740,9 @@ func runUsage(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return err
 	}
-	setting := func(name string) string {
-		i := slices.IndexFunc(settings, func(s setting) bool { return s.flag == name })
-		return strings.TrimRight(cmp.Or(getenv(settings[i].env), settings[i].def), "/")
-	}
-	auth := newAuthStore(path, setting("auth-url"), &http.Client{Timeout: 30 * time.Second}, time.Now)
-	r, err := newUpstream(setting("upstream-url"), auth, newUpstreamClient()).report(ctx)
+	url := func(env string) string { return strings.TrimRight(getenv(env), "/") }
+	_, up := newBackend(path, url("CCPROXY_AUTH_URL"), url("CCPROXY_UPSTREAM_URL"))
+	r, err := up.report(ctx)
 	if err != nil {
 		return fmt.Errorf("read the usage: %w", err)
 	}
@@ -782,13 +761,14 @@ func runUsage(ctx context.Context, args []string, getenv func(string) string, st
 			continue
 		}
 		name := map[float64]string{300: "5-hour", 10080: "weekly"}[w.WindowMinutes]
-		line := fmt.Sprintf("%-7s %3.0f%% used, resets in %s", cmp.Or(name, formatDuration(time.Duration(w.WindowMinutes)*time.Minute)),
-			w.UsedPercent, formatDuration(time.Duration(w.ResetsIn)*time.Second))
+		bar := ""
 		if bars {
 			n := int(min(max(w.UsedPercent, 0), 100) / 5)
-			line = fmt.Sprintf("%-7s %s%s %s", line[:7], strings.Repeat("█", n), strings.Repeat("░", 20-n), line[8:])
+			bar = strings.Repeat("█", n) + strings.Repeat("░", 20-n) + " "
 		}
-		fmt.Fprintln(stdout, line)
+		fmt.Fprintf(stdout, "%-7s %s%3.0f%% used, resets in %s\n",
+			cmp.Or(name, formatDuration(time.Duration(w.WindowMinutes)*time.Minute)), bar,
+			w.UsedPercent, formatDuration(time.Duration(w.ResetsIn)*time.Second))
 	}
 	return nil
 }
