@@ -483,7 +483,8 @@ func (a *authStore) refresh(ctx context.Context, rejected string) (*authFile, er
 	defer unlock()
 	f, err := readAuthFile(a.path)
 	if u := a.unsaved.Load(); u != nil {
-		f, err = u, nil
+		c := *u // updated below, while other calls may be reading u
+		f, err = &c, nil
 	}
 	if err != nil || !a.stale(f, rejected) {
 		return f, err

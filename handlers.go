@@ -145,6 +145,10 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	info(r).err = err.Error()
 	maps.Copy(w.Header(), header)
+	if k.status < 500 && k.status != 408 && k.status != 409 && k.status != 429 {
+		// The OpenAI and Anthropic SDKs honour it; Claude Code otherwise retries a 401 for minutes.
+		w.Header().Set("X-Should-Retry", "false")
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(k.status)
 	w.Write(marshal(errorBody(strings.Contains(r.URL.Path, "/messages"), err)))

@@ -621,6 +621,9 @@ func TestUpstreamErrorsReachClient(t *testing.T) {
 			if tc.status == 429 && (resp.Header.Get("Retry-After") != "17778" || resp.Header.Get("X-Codex-Primary-Used-Percent") != "100") {
 				t.Errorf("headers %v; want Retry-After 17778 and the x-codex headers", resp.Header)
 			}
+			if want := map[bool]string{true: "false"}[tc.wantStatus < 500 && tc.wantStatus != 429]; resp.Header.Get("X-Should-Retry") != want {
+				t.Errorf("X-Should-Retry %q; want %q", resp.Header.Get("X-Should-Retry"), want)
+			}
 			if tc.status == 500 && calls != 4 {
 				t.Errorf("backend called %d times; want 4 (3 retries)", calls)
 			}
@@ -2286,8 +2289,9 @@ func TestAnthropicMessages(t *testing.T) {
 		t.Errorf("bad request: %d %s; want a 400 in the Anthropic shape", resp.StatusCode, body)
 	}
 	resp, body = p.post(t, "/codex/v1/messages", `{}`, "x-api-key", "wrong")
-	if resp.StatusCode != 401 || jsonPath(decode(t, body), "error", "type") != "authentication_error" {
-		t.Errorf("wrong key: %d %s; want 401 authentication_error", resp.StatusCode, body)
+	if resp.StatusCode != 401 || jsonPath(decode(t, body), "error", "type") != "authentication_error" ||
+		resp.Header.Get("X-Should-Retry") != "false" {
+		t.Errorf("wrong key: %d %s %v; want 401 authentication_error, not to be retried", resp.StatusCode, body, resp.Header)
 	}
 	resp, body = p.post(t, "/codex/v1/messages/count_tokens", `{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"hello there"}]}`, "x-api-key", "K")
 	if tokens, _ := decode(t, body)["input_tokens"].(float64); resp.StatusCode != 200 || tokens < 5 || tokens > 50 {
