@@ -219,8 +219,35 @@ type messageItem struct {
 	Content []any  `json:"content"`
 }
 
+// message encodes a message item. An image's URL is appended as the client sent it: a data URL
+// is most of a large body, and encoding/json would copy it twice more on the way.
 func message(role string, parts ...any) json.RawMessage {
-	return marshal(messageItem{"message", role, parts})
+	size, images := 0, false
+	for _, p := range parts {
+		if img, ok := p.(inputImage); ok {
+			size, images = size+len(img.ImageURL), true
+		}
+	}
+	if !images {
+		return marshal(messageItem{"message", role, parts})
+	}
+	b := fmt.Appendf(make([]byte, 0, size+1024), `{"type":"message","role":%s,"content":[`, marshal(role))
+	for i, p := range parts {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		img, ok := p.(inputImage)
+		if !ok {
+			b = append(b, marshal(p)...)
+			continue
+		}
+		b = append(append(b, `{"type":"input_image","image_url":`...), img.ImageURL...)
+		if img.Detail != "" {
+			b = append(append(b, `,"detail":`...), marshal(img.Detail)...)
+		}
+		b = append(b, '}')
+	}
+	return append(b, "]}"...)
 }
 
 type functionCall struct {
