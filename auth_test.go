@@ -42,7 +42,7 @@ func fakeJWT(t testing.TB, claims map[string]any) string {
 	return enc([]byte(`{"alg":"RS256","typ":"JWT"}`)) + "." + enc(payload) + "." + enc([]byte("signature"))
 }
 
-// chatgptJWT returns a token with the ChatGPT claims of codex-backend.md §1.7.
+// chatgptJWT returns a token with the ChatGPT claims ("https://api.openai.com/auth").
 func chatgptJWT(t testing.TB, jti string, exp time.Time) string {
 	t.Helper()
 	return fakeJWT(t, map[string]any{
@@ -71,7 +71,7 @@ func writeFile(t *testing.T, path, data string) {
 	}
 }
 
-// codexAuthJSON is auth.json exactly as the Codex CLI writes it (codex-backend.md §2).
+// codexAuthJSON is auth.json exactly as the Codex CLI writes it.
 func codexAuthJSON(access, refresh, id string) string {
 	return fmt.Sprintf(`{
   "auth_mode": "chatgpt",
@@ -151,7 +151,7 @@ func (f *fakeOAuth) refreshCount() int {
 	return f.refreshes
 }
 
-// authorize checks the query of codex-backend.md §1.2 and redirects with a code.
+// authorize checks the Codex CLI's authorize query and redirects with a code.
 func (f *fakeOAuth) authorize(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for k, want := range map[string]string{
@@ -194,8 +194,8 @@ func (f *fakeOAuth) tokens(w http.ResponseWriter) {
 	})
 }
 
-// token serves the authorization-code grant (form body, §1.4) and the refresh
-// grant (JSON body, §1.8).
+// token serves the authorization-code grant (form body) and the refresh grant
+// (JSON body), as auth.openai.com does.
 func (f *fakeOAuth) token(w http.ResponseWriter, r *http.Request) {
 	if r.Header.Get("Content-Type") == "application/json" && f.refreshArrived != nil {
 		f.refreshArrived <- struct{}{}

@@ -29,8 +29,8 @@ import (
 // backendModels is what the fake backend accepts and lists.
 var backendModels = []string{"gpt-5.5", "gpt-5.4", "gpt-5.1-codex"}
 
-// fakeBackend plays the Codex backend. It enforces the request rules of
-// codex-backend.md §3.4 (the real backend's 400s) and answers each accepted
+// fakeBackend plays the Codex backend. It enforces the request rules the real
+// backend enforces with 400s, and answers each accepted
 // turn with reply, which writes SSE events.
 type fakeBackend struct {
 	*httptest.Server
@@ -213,7 +213,7 @@ func sse(typ string, fields map[string]any) string {
 	return "event: " + typ + "\ndata: " + string(b) + "\n\n"
 }
 
-// textReply is the canonical plain-text sequence (codex-backend.md §4 (a)),
+// textReply is the backend's plain-text event sequence,
 // one delta per element of parts, with the response id respID.
 func textReply(respID string, parts ...string) []string {
 	text := strings.Join(parts, "")
@@ -693,7 +693,7 @@ func TestForeignHostRefused(t *testing.T) {
 	}
 }
 
-// TestSessionsRemember is the guide's Alice example through both APIs: the
+// TestSessionsRemember is the Alice example through both APIs: the
 // second turn's upstream input carries the first exchange.
 func TestSessionsRemember(t *testing.T) {
 	tests := []struct {
@@ -785,8 +785,7 @@ func TestResponsesAPI(t *testing.T) {
 	}
 }
 
-// TestCodexCLIRequestShape sends what Codex CLI 0.169.0 sends
-// (codex-backend.md §0) and checks it arrives intact, ids aside.
+// TestCodexCLIRequestShape sends what Codex CLI 0.169.0 sends and checks it arrives intact, ids aside.
 func TestCodexCLIRequestShape(t *testing.T) {
 	fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
 		writeEvents(w, textReply("resp_1", "done"))

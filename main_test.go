@@ -300,7 +300,7 @@ func TestServeAPIKey(t *testing.T) {
 }
 
 // TestDeps fails when the build or the tests import anything beyond the
-// standard library and golang.org/x/oauth2 (STYLE.md rule 3).
+// standard library and golang.org/x/oauth2.
 func TestDeps(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs go list")

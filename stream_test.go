@@ -224,8 +224,8 @@ func TestUpstreamTransportError(t *testing.T) {
 	}
 }
 
-// TestUpstreamHeaders checks what the backend receives (codex-backend.md §0,
-// §3.2).
+// TestUpstreamHeaders checks the headers the backend receives: the Codex CLI's, with
+// ccproxy's credentials.
 func TestUpstreamHeaders(t *testing.T) {
 	got := make(chan http.Header, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

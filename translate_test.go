@@ -597,8 +597,7 @@ func goldenSeeds(f *testing.F, kind string, add func(gc goldenCase)) {
 }
 
 // FuzzParseRequests: whatever a client sends, a request the translator
-// accepts must pass the backend's own rules (codex-backend.md §3.4, as the
-// fake backend of handlers_test.go enforces them), and a refusal is a 400.
+// accepts must pass the backend's own rules (as the fake backend of handlers_test.go enforces them), and a refusal is a 400.
 func FuzzParseRequests(f *testing.F) {
 	goldenSeeds(f, "chat", func(gc goldenCase) { f.Add(true, []byte(gc.Request)) })
 	goldenSeeds(f, "responses", func(gc goldenCase) { f.Add(false, []byte(gc.Request)) })
