@@ -2068,6 +2068,9 @@ func TestStoredResponses(t *testing.T) {
 	if !strings.Contains(in, `"encrypted_content":"gAAA-resp_1"`) || !strings.Contains(in, "answer 1") || strings.Contains(in, "item_reference") || strings.Contains(in, `"id"`) {
 		t.Errorf("expanded input %s; want the reasoning and the message, without ids", in)
 	}
+	if !strings.Contains(body, "answer 2") {
+		t.Errorf("second response %s; want the answer", body)
+	}
 	resp, body := p.post(t, "/codex/v1/responses", `{"model":"gpt-5.5","input":[{"type":"item_reference","id":"msg_nope"}]}`)
 	if resp.StatusCode != 404 || !strings.Contains(body, "Item with id 'msg_nope' not found.") {
 		t.Errorf("unknown reference: %d %s; want 404", resp.StatusCode, body)
