@@ -801,6 +801,9 @@ func handleImages(up *upstream, p *prompts, b *bodies, model string) http.Handle
 		}
 		info(r).model = c.model
 		m := p.models.find(r.Context(), c.model)
+		if err := check(c, m); err != nil {
+			return err
+		}
 		ctx, cancel := context.WithCancelCause(r.Context())
 		defer cancel(nil)
 		turns := make([]*turn, n)

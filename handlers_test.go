@@ -2360,6 +2360,10 @@ func TestImages(t *testing.T) {
 				"error": map[string]any{"code": "server_error", "message": "the image tool failed"}}}))
 		}, 502, []string{"the image tool failed"}, 1},
 		{"url", `{"prompt":"a cat","response_format":"url"}`, nil, 400, []string{`"param":"response_format"`}, 0},
+		{"text-only model", `{"model":"gpt-5.3-codex-spark","prompt":"a cat"}`, nil, 400,
+			[]string{`"param":"model"`, "cannot draw", "--image-model"}, 0},
+		{"effort the model lacks", `{"model":"gpt-5.5:ultra","prompt":"a cat"}`, nil, 400,
+			[]string{`"param":"reasoning.effort"`}, 0},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -2367,10 +2371,10 @@ func TestImages(t *testing.T) {
 			n := 0
 			fb := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request, body map[string]any) {
 				mu.Lock()
-				n++
-				events := tc.reply(n)
-				mu.Unlock()
-				writeEvents(w, events)
+				defer mu.Unlock()
+				if n++; tc.reply != nil {
+					writeEvents(w, tc.reply(n))
+				}
 			})
 			p := newProxy(t, fb)
 			resp, body := p.post(t, "/codex/v1/images/generations", tc.body)

@@ -1185,6 +1185,10 @@ func check(c *call, m *catalogModel) error {
 		return invalid(param, "Unsupported value: '%s' is not supported with the '%s' model. "+
 			"Supported values are: %s.", effort, m.Slug, quoteList(efforts))
 	}
+	if c.api == apiImages && m.Modalities != nil && !slices.Contains(m.Modalities, "image") {
+		return invalid("model", "The '%s' model cannot draw: it takes only %s. Name another model, "+
+			"or set --image-model.", m.Slug, quoteList(m.Modalities))
+	}
 	hasImage := func(it json.RawMessage) bool { return bytes.Contains(it, []byte(`"input_image"`)) }
 	if m.Modalities != nil && !slices.Contains(m.Modalities, "image") &&
 		slices.ContainsFunc(c.input, hasImage) {
