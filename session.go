@@ -235,9 +235,11 @@ func (s *sessionStore) deleteResponse(id string) error {
 }
 
 // expand replaces the item_reference items of a turn's input with the stored items they
-// name, encrypted reasoning included; an unknown id is OpenAI's 404.
+// name, encrypted reasoning included; an unknown id is OpenAI's 404. Each session is read
+// once: a client may name every earlier item, and an unloaded transcript is read from disk.
 func (s *sessionStore) expand(items []json.RawMessage) ([]json.RawMessage, error) {
 	var out []json.RawMessage
+	transcripts := map[string][]json.RawMessage{}
 	for i, it := range items {
 		var ref struct{ Type, ID string }
 		if !bytes.Contains(it, []byte(`"item_reference"`)) || json.Unmarshal(it, &ref) != nil ||
@@ -246,9 +248,10 @@ func (s *sessionStore) expand(items []json.RawMessage) ([]json.RawMessage, error
 			continue
 		}
 		e, err := s.entry(ref.ID)
-		var stored []json.RawMessage
-		if err == nil && e.At != nil {
+		stored, read := transcripts[e.Session]
+		if err == nil && e.At != nil && !read {
 			_, stored, err = s.get(e.Session)
+			transcripts[e.Session] = stored
 		}
 		if err != nil || e.At == nil || *e.At >= len(stored) {
 			return nil, &apiError{kind: errNotFound, code: "item_not_found",

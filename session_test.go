@@ -1018,6 +1018,26 @@ func BenchmarkExpand(b *testing.B) {
 			}
 		}
 	})
+	// The Vercel AI SDK names every earlier item by reference: 100 of them in one session.
+	var outputs, refs []json.RawMessage
+	for i := range 100 {
+		outputs = append(outputs, assistantMsg(fmt.Sprintf("msg_v%d", i), "answer"))
+		refs = append(refs, js(`{"type":"item_reference","id":"msg_v%d"}`, i))
+	}
+	ss, _ = s.acquire(context.Background(), "v")
+	sent, _ = ss.input(items[:len(items)-1])
+	if err := ss.commit(sent, outputs, "resp_v", []byte(`{}`), len(sent)); err != nil {
+		b.Fatal(err)
+	}
+	ss.release()
+	b.Run("100 item_references, after a restart", func(b *testing.B) {
+		for b.Loop() {
+			cold := newTestSessionStore(b, dir, clock, 10, 0)
+			if out, err := cold.expand(refs); err != nil || len(out) != 100 {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("previous_response_id", func(b *testing.B) {
 		for b.Loop() {
 			ss, err := s.acquireResponse(context.Background(), "resp_last")
