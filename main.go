@@ -2,7 +2,7 @@
 // OpenAI- or Anthropic-compatible tool: the SDKs, the Codex CLI, Claude Code, agents, editors.
 //
 // It logs in the way the Codex CLI does (OAuth2 PKCE), shares and refreshes the Codex CLI's
-// credential file ($CODEX_HOME/auth.json) under a file lock, and serves the routes of addRoutes
+// credential file ($CODEX_HOME/auth.json) under a file lock, and serves the routes of newServer
 // on 127.0.0.1:8000, translated to the backend's Responses API:
 //
 //	ccproxy auth login-openai          # once; opens a browser
@@ -637,7 +637,7 @@ func serve(ctx context.Context, cfg config, stdout, stderr io.Writer) error {
 	srv := &http.Server{
 		Handler: handler,
 		// Slow-header clients would otherwise hold goroutines forever; a stalled body is cut off
-		// by readBody, and a connection limit keeps what remains from exhausting descriptors.
+		// by bodies.read, and a connection limit keeps what remains from exhausting descriptors.
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		// No WriteTimeout: an SSE response legitimately outlives any fixed
